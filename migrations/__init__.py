@@ -1,0 +1,1 @@
+"""Alembic migrations. Run them with `skutag db upgrade`; env.py reads the shared Settings."""

@@ -1,0 +1,285 @@
+"""The database: table definitions, engine construction, and the one place database errors are
+translated into skutag's error tree (retryable: connection lost, deadlock, serialization failure;
+final: constraint violations and bad data).
+
+Tables, in the order a job flows through them:
+    items            the catalog as skutag knows it (sku -> image uri, title, category hint)
+    runs             one per submit, backfill or local run, with a config snapshot
+    jobs             one per sku per run: the ledger (queued -> running -> done/needs_review/failed)
+    results          one per job, full provenance: the log of every input/output pair, and the
+                     content-keyed cache (cache_key = image sha256 + model/prompt/taxonomy versions)
+    tag_sets         the current result per sku (status, summary, versions)
+    tags             the current model value per (sku, attribute), with confidence and runner-up
+    reviews          a person's value per (sku, attribute); overrides the model's, never deletes it
+    taxonomy_values  labels and synonyms of every value, per taxonomy version, for consumers
+The views sku_tags_current and sku_tags_json (see migrations/) are the consumer contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.url import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
+
+from pipeline.errors import ConfigError, FinalError, InputError, RetryableError
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; Postgres gets a real bigint.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+Json = sa.JSON().with_variant(JSONB(), "postgresql")
+Timestamp = sa.DateTime(timezone=True)
+
+JOB_STATES = ("queued", "running", "done", "needs_review", "failed")
+OPEN_JOB_STATES = ("queued", "running")
+RUN_STATES = ("running", "done", "partial", "failed", "cancelled")
+RESULT_STATUSES = ("tagged", "needs_review", "failed")
+
+
+def _one_of(column: str, allowed: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(value) for value in allowed)})"
+
+
+items = sa.Table(
+    "items",
+    metadata,
+    sa.Column("sku", sa.Text, primary_key=True),
+    sa.Column("image_uri", sa.Text, nullable=False),
+    sa.Column("title", sa.Text),
+    sa.Column("category_hint", sa.Text),
+    sa.Column("image_etag", sa.Text),
+    sa.Column("image_last_modified", sa.Text),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("config", Json, nullable=False),
+    sa.Column("total_jobs", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("broker_epoch", sa.Text),
+    sa.Column("summary", Json),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("finished_at", Timestamp),
+    sa.CheckConstraint(_one_of("state", RUN_STATES), name="state"),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("run_id", BigId, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("sku", sa.Text, sa.ForeignKey("items.sku"), nullable=False),
+    sa.Column("image_uri", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, server_default="submitted"),
+    sa.Column("queue", sa.Text, nullable=False, server_default="new"),
+    sa.Column("state", sa.Text, nullable=False, server_default="queued"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("lease_expires_at", Timestamp),
+    sa.Column("published_at", Timestamp),
+    sa.Column("last_error_code", sa.Text),
+    sa.Column("last_error", sa.Text),
+    sa.Column("cache_hit", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    sa.Column("finished_at", Timestamp),
+    sa.UniqueConstraint("run_id", "sku"),
+    sa.CheckConstraint(_one_of("state", JOB_STATES), name="state"),
+    sa.Index("ix_jobs_run_id_state", "run_id", "state"),
+    sa.Index("ix_jobs_sku", "sku"),
+    sa.Index(
+        "ix_jobs_open",
+        "state",
+        "lease_expires_at",
+        postgresql_where=sa.text("state IN ('queued', 'running')"),
+        sqlite_where=sa.text("state IN ('queued', 'running')"),
+    ),
+)
+
+results = sa.Table(
+    "results",
+    metadata,
+    sa.Column("job_id", BigId, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("run_id", BigId, nullable=False),
+    sa.Column("sku", sa.Text, nullable=False),
+    sa.Column("image_uri", sa.Text),
+    sa.Column("image_sha256", sa.Text),
+    sa.Column("cache_key", sa.Text),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("category", sa.Text),
+    sa.Column("summary", sa.Text),
+    sa.Column("attributes", Json, nullable=False),
+    sa.Column("review_attributes", Json, nullable=False),
+    sa.Column("error_code", sa.Text),
+    sa.Column("error_message", sa.Text),
+    sa.Column("model_id", sa.Text, nullable=False),
+    sa.Column("model_revision", sa.Text),
+    sa.Column("quantization", sa.Text, nullable=False),
+    sa.Column("prompt_version", sa.Text, nullable=False),
+    sa.Column("taxonomy_version", sa.Text, nullable=False),
+    sa.Column("timings", Json, nullable=False),
+    sa.Column("cache_hit", sa.Boolean, nullable=False),
+    sa.Column("produced_at", Timestamp, nullable=False),
+    sa.Column("written_at", Timestamp, nullable=False),
+    sa.CheckConstraint(_one_of("status", RESULT_STATUSES), name="status"),
+    sa.Index("ix_results_sku_produced_at", "sku", "produced_at"),
+    sa.Index(
+        "ix_results_cache_key",
+        "cache_key",
+        postgresql_where=sa.text("cache_key IS NOT NULL"),
+        sqlite_where=sa.text("cache_key IS NOT NULL"),
+    ),
+)
+
+tag_sets = sa.Table(
+    "tag_sets",
+    metadata,
+    sa.Column("sku", sa.Text, primary_key=True),
+    sa.Column("job_id", BigId, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("category", sa.Text),
+    sa.Column("summary", sa.Text),
+    sa.Column("image_uri", sa.Text),
+    sa.Column("image_sha256", sa.Text),
+    sa.Column("model_id", sa.Text, nullable=False),
+    sa.Column("quantization", sa.Text, nullable=False),
+    sa.Column("prompt_version", sa.Text, nullable=False),
+    sa.Column("taxonomy_version", sa.Text, nullable=False),
+    sa.Column("produced_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+)
+
+tags = sa.Table(
+    "tags",
+    metadata,
+    sa.Column("sku", sa.Text, primary_key=True),
+    sa.Column("attribute", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("confidence", sa.Float, nullable=False),
+    sa.Column("runner_up", sa.Text),
+    sa.Column("runner_up_confidence", sa.Float),
+    sa.Column("job_id", BigId, nullable=False),
+    sa.Column("image_sha256", sa.Text),
+    sa.Column("model_id", sa.Text, nullable=False),
+    sa.Column("taxonomy_version", sa.Text, nullable=False),
+    sa.Column("produced_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    sa.Index("ix_tags_attribute_value", "attribute", "value"),
+)
+
+reviews = sa.Table(
+    "reviews",
+    metadata,
+    sa.Column("sku", sa.Text, primary_key=True),
+    sa.Column("attribute", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("image_sha256", sa.Text, doc="The image the person looked at; a new image voids it."),
+    sa.Column("reviewer", sa.Text, nullable=False),
+    sa.Column("note", sa.Text),
+    sa.Column("reviewed_at", Timestamp, nullable=False),
+)
+
+taxonomy_values = sa.Table(
+    "taxonomy_values",
+    metadata,
+    sa.Column("taxonomy_version", sa.Text, primary_key=True),
+    sa.Column("attribute", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, primary_key=True),
+    sa.Column("label_en", sa.Text, nullable=False),
+    sa.Column("label_zh", sa.Text, nullable=False),
+    sa.Column("synonyms", Json, nullable=False),
+)
+
+
+# --- engines ---------------------------------------------------------------------------------
+def make_engine(database_url: str, **kwargs: Any) -> Engine:
+    """An engine for database_url. Built where it is used and passed in; never at import."""
+    try:
+        url = make_url(database_url)
+    except ArgumentError as exc:
+        raise ConfigError(f"SKUTAG_DATABASE_URL: not a database URL: {database_url!r}") from exc
+    if url.get_backend_name() == "sqlite":
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if url.get_backend_name() != "postgresql":
+        raise ConfigError(f"SKUTAG_DATABASE_URL: only postgresql and sqlite are supported, got {url.drivername!r}")
+    kwargs.setdefault("pool_pre_ping", True)
+    try:
+        return sa.create_engine(url, **kwargs)
+    except (ArgumentError, ImportError) as exc:
+        raise ConfigError(f"SKUTAG_DATABASE_URL: {exc}") from exc
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers (status, export) run beside the writer; foreign keys are off by default.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def insert_for(conn: Connection) -> Any:
+    """The dialect's INSERT, which has on_conflict_do_update / on_conflict_do_nothing."""
+    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+
+
+def redacted(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<invalid url>"
+
+
+# --- the error boundary ----------------------------------------------------------------------
+# SQLSTATE classes worth another try: serialization failure, deadlock, lock timeout, the server
+# shutting down or refusing connections, and every connection exception (class 08).
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300", "53400"})
+
+
+def classify_db_error(exc: SQLAlchemyError, action: str) -> RetryableError | FinalError:
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(orig, "pgcode", None) or ""
+    first_line = (str(orig) if orig is not None else str(exc)).strip().splitlines()[0:1]
+    detail = first_line[0] if first_line else type(exc).__name__
+    message = f"database error while {action}: {detail}"
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return RetryableError(message)
+    if sqlstate in _RETRYABLE_SQLSTATES or sqlstate.startswith("08"):
+        return RetryableError(message)
+    if isinstance(exc, sa.exc.OperationalError) and not sqlstate:
+        # No SQLSTATE: the driver never reached the server (refused, reset) or SQLite is busy.
+        return RetryableError(message)
+    if isinstance(exc, IntegrityError | sa.exc.DataError):
+        return InputError(message)
+    return FinalError(message)
+
+
+@contextmanager
+def translated_errors(action: str) -> Iterator[None]:
+    """Translate SQLAlchemy/psycopg2/sqlite3 errors raised inside into RetryableError or FinalError."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise classify_db_error(exc, action) from exc

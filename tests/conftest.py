@@ -1,0 +1,159 @@
+"""Fixtures: real Postgres and Redis (skipped on a laptop without them, a failure in CI), SQLite,
+and factories for catalog rows and results drawn from the real taxonomy."""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine, make_url
+
+from pipeline import ledger
+from pipeline.db import make_engine
+from pipeline.migrate import upgrade
+from schemas.results import AttributeTag, JobSpec, Provenance, TagResult
+from schemas.taxonomy import CATEGORY, Taxonomy, default_taxonomy
+
+POSTGRES_URL = os.environ.get("SKUTAG_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("SKUTAG_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# CI sets this: a missing service is then a failure, not a skip.
+REQUIRE_SERVICES = os.environ.get("SKUTAG_REQUIRE_SERVICES") == "1"
+
+
+def _unavailable(what: str, exc: Exception) -> None:
+    message = f"{what} not reachable: {exc}"
+    if REQUIRE_SERVICES:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[Engine]:
+    engine = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as exc:
+        engine.dispose()
+        _unavailable("Postgres", exc)
+    yield engine
+    engine.dispose()
+
+
+def create_database(admin: Engine) -> str:
+    """A new, empty Postgres database; returns its URL."""
+    name = f"skutag_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(admin: Engine, url: str) -> None:
+    name = make_url(url).database
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def empty_postgres_url(postgres_admin: Engine) -> Iterator[str]:
+    url = create_database(postgres_admin)
+    yield url
+    drop_database(postgres_admin, url)
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres_url(postgres_admin: Engine) -> Iterator[str]:
+    url = create_database(postgres_admin)
+    upgrade(url)
+    yield url
+    drop_database(postgres_admin, url)
+
+
+TABLES = ("taxonomy_values", "reviews", "tags", "tag_sets", "results", "jobs", "runs", "items")
+
+
+@pytest.fixture
+def pg_engine(migrated_postgres_url: str) -> Iterator[Engine]:
+    engine = make_engine(migrated_postgres_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path: object) -> Iterator[Engine]:
+    url = f"sqlite:///{tmp_path}/skutag.db"
+    upgrade(url)
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    """Both databases skutag supports, with the schema migrated and no rows."""
+    name = "pg_engine" if request.param == "postgres" else "sqlite_engine"
+    return request.getfixturevalue(name)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def taxonomy() -> Taxonomy:
+    return default_taxonomy()
+
+
+# --- factories -------------------------------------------------------------------------------
+def make_jobs(engine: Engine, count: int, prefix: str = "SKU", kind: str = "submit") -> list[JobSpec]:
+    rows = [
+        ledger.CatalogRow(sku=f"{prefix}-{i:06d}", image_uri=f"file:///images/{prefix}-{i}.jpg") for i in range(count)
+    ]
+    with engine.begin() as conn:
+        ledger.upsert_items(conn, rows)
+        run_id = ledger.create_run(conn, kind, {"test": True})
+        return ledger.add_jobs(conn, run_id, [(row.sku, row.image_uri) for row in rows])
+
+
+def provenance(taxonomy: Taxonomy, run_id: int | None = None, **changes: object) -> Provenance:
+    base = {
+        "model_id": "test/model",
+        "quantization": "fp32",
+        "prompt_version": "pv-test",
+        "taxonomy_version": taxonomy.version,
+        "run_id": run_id,
+    }
+    return Provenance.model_validate(base | changes)
+
+
+def make_result(
+    job: JobSpec,
+    taxonomy: Taxonomy,
+    seed: int = 0,
+    category: str | None = None,
+    produced_at: datetime | None = None,
+    status: str = "tagged",
+) -> TagResult:
+    """A valid result for job: a category and a value for each of its attributes, chosen by seed."""
+    rng = random.Random(f"{job.sku}:{seed}")
+    category = category or rng.choice(sorted(taxonomy.categories))
+    attributes = {CATEGORY: AttributeTag(value=category, confidence=round(rng.uniform(0.5, 1.0), 4))}
+    for attribute in taxonomy.attributes_for(category):
+        value, runner_up = rng.sample([v.id for v in attribute.values], 2)
+        attributes[attribute.name] = AttributeTag(
+            value=value, confidence=round(rng.uniform(0.3, 1.0), 4), runner_up=runner_up, runner_up_confidence=0.1
+        )
+    return TagResult(
+        job_id=job.job_id,
+        sku=job.sku,
+        image_uri=job.image_uri,
+        image_sha256=f"{rng.getrandbits(256):064x}",
+        status=status,  # type: ignore[arg-type]
+        attributes=attributes,
+        summary=f"summary {seed} for {job.sku}",
+        provenance=provenance(taxonomy, job.run_id),
+        produced_at=produced_at or datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=seed),
+    )
