@@ -140,10 +140,117 @@ def taxonomy_show(ctx: click.Context, language: str) -> None:
             click.echo(f"  {attribute.name}: {labels}")
 
 
+# --- model -----------------------------------------------------------------------------------
+def model_options(command: Any) -> Any:
+    """--model / --quantization / --device / --language, shared by every command that loads the model."""
+    options = [
+        click.option("--model", help="Hub id or local directory (SKUTAG_MODEL; default Qwen/Qwen3-VL-8B-Instruct)."),
+        click.option("--quantization", type=click.Choice(["int8", "nf4", "bf16", "fp16", "fp32"]),
+                     help="SKUTAG_QUANTIZATION (default int8)."),
+        click.option("--device", help="auto, cpu, cuda or cuda:N (SKUTAG_DEVICE)."),
+        click.option("--language", "prompt_language", type=click.Choice(["en", "zh"]),
+                     help="Prompt and label language (SKUTAG_PROMPT_LANGUAGE)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.group()
+def model() -> None:
+    """Build or inspect models."""
+
+
+@model.command("tiny")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True)
+def model_tiny(directory: Path, seed: int) -> None:
+    """Write a tiny random-weight Qwen3-VL to DIRECTORY: the real classes, a locally built tokenizer,
+    loadable like the real model (INT8 included). Its tags are random; it tests the machinery."""
+    from pipeline.tiny import build_tiny_model
+
+    build_tiny_model(directory, seed=seed)
+    click.echo(f"tiny Qwen3-VL written to {directory}; use it with --model {directory} or SKUTAG_MODEL={directory}")
+
+
+@main.command("tag-image")
+@click.argument("image_uri")
+@model_options
+@click.option("--fit", "image_fit", type=click.Choice(["crop", "pad"]), help="Center crop (default) or pad on white.")
+@click.pass_context
+def tag_image(ctx: click.Context, /, image_uri: str, **overrides: Any) -> None:
+    """Tag one image (a path, file:// or http(s) URL) and print the result as JSON: for prompt
+    iteration and spot checks, through the same intake and engine as the workers."""
+    from pipeline.images import ImageIntake
+    from pipeline.inference import TaggingEngine, load_model
+    from pipeline.runner import tag_batch
+    from schemas.results import JobSpec
+    from schemas.taxonomy import load_taxonomy
+
+    settings = settings_from(ctx, **overrides)
+    if "://" not in image_uri:  # a file named on the command line is trusted, wherever it is
+        settings = settings.model_copy(
+            update={"image_roots": [*settings.image_roots, Path(image_uri).resolve().parent]}
+        )
+    taxonomy_ = load_taxonomy(settings.taxonomy_path)
+    intake = ImageIntake(settings)
+    try:
+        outcome = intake.prepare(image_uri)
+    finally:
+        intake.close()
+    engine = TaggingEngine(load_model(settings), taxonomy_, settings)
+    job = JobSpec(job_id=0, run_id=0, sku="-", image_uri=image_uri)
+    batch = tag_batch(engine, [job], [outcome])
+    (result,) = batch.results
+    document = result.model_dump(mode="json", exclude={"job_id"})
+    document["batch"] = batch.stats[0].as_dict() if batch.stats else None
+    click.echo(json.dumps(document, ensure_ascii=False, indent=2))
+    if result.status == "failed":
+        sys.exit(2)
+
+
 # --- benchmarks ------------------------------------------------------------------------------
 @main.group()
 def bench() -> None:
     """Benchmarks against their baselines, in one run (medians and ratios; see docs/benchmarks.md)."""
+
+
+@bench.command("intake")
+@click.option("--repeats", default=5, show_default=True)
+@click.option("--threads", default=2, show_default=True, help="For the all-cores line.")
+def bench_intake(repeats: int, threads: int) -> None:
+    """Images/s per core: skutag's intake vs the article's snippet, on generated realistic JPEGs."""
+    from pipeline.bench import intake
+
+    click.echo(json.dumps(intake.run(repeats=repeats, threads=threads)))
+
+
+@bench.command("gpu")
+@click.option("--tiny", is_flag=True, help="The tiny model on the CPU: checks the script in seconds.")
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".skutag/bench-gpu"),
+    show_default=True,
+    help="Where the random checkpoint is written (about 17 GB for the 8B).",
+)
+@click.option("--quantizations", default="int8,nf4,bf16", show_default=True)
+@click.option("--batch-sizes", default="1,8,32,64", show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures as JSON.")
+def bench_gpu(tiny: bool, work_dir: Path, quantizations: str, batch_sizes: str, output: Path | None) -> None:
+    """Qwen3-VL-8B architecture, random weights: images/s and peak GPU memory for int8 / nf4 / bf16 at
+    several batch sizes vs the article's way (one image at a time, free-form generate, fp16)."""
+    from pipeline.bench import gpu
+
+    summary = gpu.run(
+        work_dir,
+        tiny=tiny,
+        quantizations=tuple(q.strip() for q in quantizations.split(",") if q.strip()),
+        batch_sizes=tuple(int(b) for b in batch_sizes.split(",")),
+    )
+    if output:
+        output.write_text(json.dumps(summary, indent=2))
+    click.echo(json.dumps(summary))
 
 
 @bench.command("writer")

@@ -62,7 +62,13 @@ class LockedError(FinalError):
     exit_code = 6
 
 
-class GpuOutOfMemoryError(RetryableError):
+class InferenceError(RetryableError):
+    """The engine failed on a batch for a reason other than memory (a CUDA error, a driver reset)."""
+
+    code = "inference_failed"
+
+
+class GpuOutOfMemoryError(InferenceError):
     """Raised by the engine so the caller can split the batch and try the halves."""
 
     code = "gpu_oom"

@@ -8,14 +8,19 @@ import random
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
 from pipeline import ledger
 from pipeline.db import make_engine
+from pipeline.inference import TaggingEngine, load_model
 from pipeline.migrate import upgrade
+from pipeline.settings import Settings, load_settings
+from schemas.images import PreparedImage
 from schemas.results import AttributeTag, JobSpec, Provenance, TagResult
 from schemas.taxonomy import CATEGORY, Taxonomy, default_taxonomy
 
@@ -157,3 +162,37 @@ def make_result(
         provenance=provenance(taxonomy, job.run_id),
         produced_at=produced_at or datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=seed),
     )
+
+
+# --- the tiny model --------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def engine_settings(model_dir: Path, **overrides: object) -> Settings:
+    base: dict[str, object] = {
+        "model": str(model_dir),
+        "quantization": "fp32",
+        "device": "cpu",
+        "summary_max_tokens": 6,
+    }
+    return load_settings(**(base | overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir: Path, taxonomy: Taxonomy) -> TaggingEngine:
+    settings = engine_settings(tiny_model_dir)
+    return TaggingEngine(load_model(settings), taxonomy, settings)
+
+
+def random_images(count: int, seed: int = 0) -> list[PreparedImage]:
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in range(count):
+        side = int(rng.integers(8, 900))
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        images.append(PreparedImage(f"mem://{seed}/{index}", f"{seed}-{index}", pixels, "PNG", (side, side)))
+    return images

@@ -16,7 +16,7 @@ def test_defaults_need_no_server(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.model == "Qwen/Qwen3-VL-8B-Instruct"
     assert settings.quantization == "int8"
     assert settings.image_size == 384
-    assert settings.quantization_skip_modules == ["visual", "lm_head"]
+    assert settings.quantization_skip_modules == ["model.visual", "lm_head"]
 
 
 def test_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:

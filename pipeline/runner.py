@@ -1,0 +1,121 @@
+"""Joins the stages for one batch of jobs: intake outcomes + cached results + the engine -> one
+TagResult per job. The Celery workers, local mode (`skutag run`) and `skutag tag-image` all call
+this, so the three paths cannot drift apart.
+
+Per job, in order: an intake failure becomes a failed result (or a retry, when the code is
+retryable and attempts remain); an image whose content and versions already have a stored result
+reuses it (cache_hit); everything else goes to the engine in one batch, split in halves on GPU
+out-of-memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pipeline.errors import InferenceError
+from pipeline.inference import BatchStats, ItemTags, TaggingEngine, tag_splitting_on_oom
+from schemas.images import IntakeFailure, IntakeOutcome, PreparedImage
+from schemas.results import ErrorCode, ItemError, JobSpec, Provenance, TagResult, cache_key, failed_result
+
+
+@dataclass
+class BatchOutcome:
+    results: list[TagResult] = field(default_factory=list)  # final: to the writer
+    retries: list[tuple[JobSpec, ItemError]] = field(default_factory=list)  # back to the queue
+    stats: list[BatchStats] = field(default_factory=list)
+    cache_hits: int = 0
+
+
+def cached_result(job: JobSpec, image: PreparedImage, stored: TagResult, provenance: Provenance) -> TagResult:
+    """A stored result for the same image content and versions, re-issued for this job."""
+    return TagResult(
+        job_id=job.job_id,
+        sku=job.sku,
+        image_uri=job.image_uri,
+        image_sha256=image.sha256,
+        status=stored.status,
+        attributes=stored.attributes,
+        summary=stored.summary,
+        review_attributes=stored.review_attributes,
+        provenance=provenance.model_copy(update={"cache_hit": True, "timings_ms": _intake_timings(image)}),
+    )
+
+
+def tagged_result(
+    job: JobSpec, image: PreparedImage, tags: ItemTags, provenance: Provenance, share: dict[str, float]
+) -> TagResult:
+    return TagResult(
+        job_id=job.job_id,
+        sku=job.sku,
+        image_uri=job.image_uri,
+        image_sha256=image.sha256,
+        status="needs_review" if tags.review_attributes else "tagged",
+        attributes=tags.attributes,
+        summary=tags.summary,
+        review_attributes=tags.review_attributes,
+        provenance=provenance.model_copy(update={"timings_ms": {**_intake_timings(image), **share}}),
+    )
+
+
+def _intake_timings(image: PreparedImage) -> dict[str, float]:
+    return {"fetch_ms": round(image.fetch_ms, 3), "decode_ms": round(image.decode_ms, 3)}
+
+
+def tag_batch(
+    engine: TaggingEngine,
+    jobs: Sequence[JobSpec],
+    outcomes: Sequence[IntakeOutcome],
+    cache: Mapping[str, TagResult] | None = None,
+    max_attempts: int = 1,
+) -> BatchOutcome:
+    """One result (or retry) per job; jobs and outcomes are parallel sequences."""
+    batch = BatchOutcome()
+    to_infer: list[tuple[JobSpec, PreparedImage]] = []
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        provenance = engine.provenance(job.run_id)
+        if isinstance(outcome, IntakeFailure):
+            _fail_or_retry(batch, job, outcome.error, provenance, max_attempts, outcome.sha256)
+            continue
+        stored = (cache or {}).get(cache_key(outcome.sha256, provenance))
+        if stored is not None:
+            batch.results.append(cached_result(job, outcome, stored, provenance))
+            batch.cache_hits += 1
+        else:
+            to_infer.append((job, outcome))
+    if to_infer:
+        _infer(engine, to_infer, batch, max_attempts)
+    return batch
+
+
+def _infer(
+    engine: TaggingEngine, work: list[tuple[JobSpec, PreparedImage]], batch: BatchOutcome, max_attempts: int
+) -> None:
+    try:
+        tags, stats = tag_splitting_on_oom(engine, [image for _, image in work])
+    except InferenceError as exc:
+        error = ItemError(code=ErrorCode.INFERENCE_FAILED, message=exc.message)
+        for job, image in work:
+            _fail_or_retry(batch, job, error, engine.provenance(job.run_id), max_attempts, image.sha256)
+        return
+    batch.stats += stats
+    share = _per_image_share(stats, len(work))
+    for (job, image), item in zip(work, tags, strict=True):
+        batch.results.append(tagged_result(job, image, item, engine.provenance(job.run_id), share))
+
+
+def _per_image_share(stats: list[BatchStats], images: int) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for part in stats:
+        for name, value in part.timings().items():
+            totals[name] = totals.get(name, 0.0) + value
+    return {name: round(value / images, 3) for name, value in totals.items()}
+
+
+def _fail_or_retry(
+    batch: BatchOutcome, job: JobSpec, error: ItemError, provenance: Provenance, max_attempts: int, sha256: str | None
+) -> None:
+    if error.retryable and job.attempt < max_attempts:
+        batch.retries.append((job, error))
+    else:
+        batch.results.append(failed_result(job, error, provenance, sha256))
