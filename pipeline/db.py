@@ -17,7 +17,7 @@ The views sku_tags_current and sku_tags_json (see migrations/) are the consumer 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -243,6 +243,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def insert_for(conn: Connection) -> Any:
     """The dialect's INSERT, which has on_conflict_do_update / on_conflict_do_nothing."""
     return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+
+
+def copy_rows(conn: Connection, table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]) -> None:
+    """Postgres COPY of rows into table (usually a temporary staging table), inside conn's transaction."""
+    from pipeline.writer import copy_text
+
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN", copy_text(rows))
+    finally:
+        cursor.close()
 
 
 def redacted(url: str) -> str:

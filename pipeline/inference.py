@@ -176,7 +176,6 @@ def _missing_model_message(model: str, exc: OSError) -> str:
 
 
 def _load(settings: Settings, device: Any, weights_dtype: Any, compute_dtype: Any) -> LoadedModel:
-    import torch
     from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
 
     directory = Path(settings.model)
@@ -196,7 +195,6 @@ def _load(settings: Settings, device: Any, weights_dtype: Any, compute_dtype: An
     if config is None:
         model = model.to(device)
     model.eval()
-    torch.set_grad_enabled(False)
     processor = _image_processor_config(settings.model, settings.model_revision)
     vision = model.config.vision_config
     return LoadedModel(
@@ -433,7 +431,11 @@ class TaggingEngine:
         self.summary_mask = mask.to(self.loaded.device)
         self.closers = set(closers)
 
-    # -- the public call --
+    # -- the public calls --
+    def tag_many(self, images: Sequence[PreparedImage]) -> tuple[list[ItemTags], list[BatchStats]]:
+        """Tag images, splitting the batch on GPU out-of-memory."""
+        return tag_splitting_on_oom(self, images)
+
     def tag(self, images: Sequence[PreparedImage]) -> tuple[list[ItemTags], BatchStats]:
         """Tags for each image, in order. Raises GpuOutOfMemoryError (split the batch and retry)."""
         import torch
@@ -441,7 +443,8 @@ class TaggingEngine:
         if not images:
             return [], BatchStats()
         try:
-            return self._tag(images)
+            with torch.inference_mode():  # per thread: the batcher's thread is not the loader's
+                return self._tag(images)
         except torch.OutOfMemoryError as exc:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

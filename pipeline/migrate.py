@@ -40,3 +40,18 @@ def current_revision(database_url: str) -> str | None:
 
 def head_revision(database_url: str) -> str | None:
     return ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
+
+
+def ensure_schema(database_url: str, create_if_embedded: bool = False) -> None:
+    """Refuse to run on a database without skutag's current schema (one clear line); the embedded
+    SQLite database of local mode is created or migrated on the spot."""
+    from pipeline.db import redacted
+    from pipeline.errors import ConfigError
+
+    if create_if_embedded and database_url.startswith("sqlite"):
+        upgrade(database_url)
+        return
+    current, head = current_revision(database_url), head_revision(database_url)
+    if current != head:
+        found = f"schema {current}" if current else "no skutag tables"
+        raise ConfigError(f"{redacted(database_url)} has {found}, this skutag needs {head}: run `skutag db upgrade`")

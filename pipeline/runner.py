@@ -12,11 +12,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pipeline.errors import InferenceError
-from pipeline.inference import BatchStats, ItemTags, TaggingEngine, tag_splitting_on_oom
+from pipeline.inference import BatchStats, ItemTags
 from schemas.images import IntakeFailure, IntakeOutcome, PreparedImage
 from schemas.results import ErrorCode, ItemError, JobSpec, Provenance, TagResult, cache_key, failed_result
+
+
+class Tagger(Protocol):
+    """What tag_batch needs from the engine: TaggingEngine itself, or a DynamicBatcher in front of it."""
+
+    def provenance(self, run_id: int | None = None) -> Provenance: ...
+
+    def tag_many(self, images: Sequence[PreparedImage]) -> tuple[list[ItemTags], list[BatchStats]]: ...
 
 
 @dataclass
@@ -63,7 +72,7 @@ def _intake_timings(image: PreparedImage) -> dict[str, float]:
 
 
 def tag_batch(
-    engine: TaggingEngine,
+    engine: Tagger,
     jobs: Sequence[JobSpec],
     outcomes: Sequence[IntakeOutcome],
     cache: Mapping[str, TagResult] | None = None,
@@ -88,11 +97,9 @@ def tag_batch(
     return batch
 
 
-def _infer(
-    engine: TaggingEngine, work: list[tuple[JobSpec, PreparedImage]], batch: BatchOutcome, max_attempts: int
-) -> None:
+def _infer(engine: Tagger, work: list[tuple[JobSpec, PreparedImage]], batch: BatchOutcome, max_attempts: int) -> None:
     try:
-        tags, stats = tag_splitting_on_oom(engine, [image for _, image in work])
+        tags, stats = engine.tag_many([image for _, image in work])
     except InferenceError as exc:
         error = ItemError(code=ErrorCode.INFERENCE_FAILED, message=exc.message)
         for job, image in work:

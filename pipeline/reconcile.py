@@ -1,0 +1,72 @@
+"""The reconciler: makes the broker agree with the ledger again.
+
+- a running job whose lease expired (its worker was killed or hung) goes back to the queue;
+- a queued job whose message cannot be in the broker any more (published in an earlier life of
+  Redis, or longer ago than republish_after_s) is forgotten as published;
+- every queued job without a message is published.
+A job published twice costs nothing but a skipped claim: results are keyed by job id.
+Run by `skutag reconcile`, and periodically by every writer (one at a time: an advisory lock).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from pipeline import ledger
+from pipeline.db import translated_errors
+from pipeline.settings import Settings
+from pipeline.worker import JobPublisher
+from schemas.results import JobSpec
+
+PAGE = 5000
+RECONCILE_LOCK = 0x5C07A6  # pg_advisory lock key: one reconciler at a time
+
+
+@dataclass
+class ReconcileReport:
+    expired_leases: int = 0
+    lost_messages: int = 0
+    published: int = 0
+    skipped: bool = False  # another reconciler held the lock
+
+
+def reconcile(
+    database: Engine, publisher: JobPublisher, settings: Settings, now: datetime | None = None
+) -> ReconcileReport:
+    now = now or ledger.utcnow()
+    report = ReconcileReport()
+    epoch = publisher.epoch()
+    with translated_errors("reconciling"), database.begin() as conn:
+        if not _try_lock(conn):
+            report.skipped = True
+            return report
+        report.expired_leases = ledger.expire_leases(conn, now)
+        stale_before = now - timedelta(seconds=settings.republish_after_s)
+        report.lost_messages = ledger.forget_lost_publications(conn, epoch, stale_before)
+        report.published = _publish_unpublished(conn, publisher, epoch)
+    return report
+
+
+def _try_lock(conn: sa.Connection) -> bool:
+    if conn.dialect.name != "postgresql":
+        return True
+    return bool(conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": RECONCILE_LOCK}).scalar_one())
+
+
+def _publish_unpublished(conn: sa.Connection, publisher: JobPublisher, epoch: str | None) -> int:
+    published, after = 0, 0
+    while page := ledger.unpublished_jobs(conn, PAGE, after):
+        by_queue: dict[str, list[JobSpec]] = defaultdict(list)
+        for spec, queue in page:
+            by_queue[queue].append(spec)
+        for queue, specs in by_queue.items():
+            publisher.publish(specs, queue)
+        ledger.mark_published(conn, [spec.job_id for spec, _ in page], epoch)
+        published += len(page)
+        after = page[-1][0].job_id
+    return published

@@ -1,0 +1,221 @@
+"""The work a GPU worker does with a handful of jobs, independent of how they were delivered.
+
+    claim (ledger) -> intake (thread pool) -> result cache -> engine (via the dynamic batcher)
+    -> results to the sink (the writer) ; retryable failures back to the queue
+
+The Celery GPU worker (workers/), local mode (`skutag run`) and the benchmarks all use JobHandler;
+only the sink (a Redis queue to the writer, or the writer itself) and the publisher differ.
+
+DynamicBatcher owns the model on one thread: requests from several message-handling threads are
+merged into one batch (up to batch_size, waiting at most batch_wait_ms for more), so intake for
+the next messages overlaps the GPU's work on this one and the GPU never waits on decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sqlalchemy.engine import Engine
+
+from pipeline import ledger
+from pipeline.db import translated_errors
+from pipeline.errors import InferenceError
+from pipeline.images import ImageIntake
+from pipeline.inference import BatchStats, ItemTags, TaggingEngine
+from pipeline.runner import tag_batch
+from pipeline.settings import Settings
+from schemas.images import PreparedImage
+from schemas.results import ItemError, JobSpec, Provenance, TagResult, cache_key, failed_result
+
+log = logging.getLogger(__name__)
+
+
+class ResultSink(Protocol):
+    """Where final results go: the writer queue, or the writer itself."""
+
+    def send_results(self, results: Sequence[TagResult]) -> None: ...
+
+
+class JobPublisher(Protocol):
+    """Puts jobs (back) on the broker. epoch() names the broker's current life (Redis run_id)."""
+
+    def publish(self, jobs: Sequence[JobSpec], queue: str) -> None: ...
+
+    def epoch(self) -> str | None: ...
+
+
+# --- dynamic batching ------------------------------------------------------------------------
+@dataclass
+class _Request:
+    images: Sequence[PreparedImage]
+    future: Future[tuple[list[ItemTags], list[BatchStats]]] = field(default_factory=Future)
+
+
+class DynamicBatcher:
+    """The only thread that touches the model. submit() from any thread; requests are merged."""
+
+    def __init__(self, engine: TaggingEngine, batch_size: int, wait_s: float) -> None:
+        self.engine = engine
+        self.batch_size = batch_size
+        self.wait_s = wait_s
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="skutag-gpu", daemon=True)
+        self._thread.start()
+
+    def provenance(self, run_id: int | None = None) -> Provenance:
+        return self.engine.provenance(run_id)
+
+    def submit(self, images: Sequence[PreparedImage]) -> Future[tuple[list[ItemTags], list[BatchStats]]]:
+        request = _Request(images)
+        self._queue.put(request)
+        return request.future
+
+    def tag_many(self, images: Sequence[PreparedImage]) -> tuple[list[ItemTags], list[BatchStats]]:
+        return self.submit(images).result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            requests = [first]
+            size = len(first.images)
+            deadline = time.monotonic() + self.wait_s
+            while size < self.batch_size:
+                try:
+                    more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                requests.append(more)
+                size += len(more.images)
+            self._serve(requests)
+
+    def _serve(self, requests: list[_Request]) -> None:
+        images = [image for request in requests for image in request.images]
+        try:
+            tags, stats = self.engine.tag_many(images)
+        except Exception as exc:  # delivered to every waiting request; the thread lives on
+            for request in requests:
+                request.future.set_exception(exc)
+            return
+        start = 0
+        for request in requests:
+            end = start + len(request.images)
+            request.future.set_result((tags[start:end], stats))
+            start = end
+
+
+class _TimedTagger:
+    """tag_batch's view of the batcher: with the per-batch time limit of the article's timeout control."""
+
+    def __init__(self, batcher: DynamicBatcher, limit_s: float) -> None:
+        self.batcher = batcher
+        self.limit_s = limit_s
+
+    def provenance(self, run_id: int | None = None) -> Provenance:
+        return self.batcher.provenance(run_id)
+
+    def tag_many(self, images: Sequence[PreparedImage]) -> tuple[list[ItemTags], list[BatchStats]]:
+        try:
+            return self.batcher.submit(images).result(timeout=self.limit_s)
+        except FutureTimeout as exc:
+            raise InferenceError(f"batch not tagged within {self.limit_s:g} s") from exc
+
+
+# --- handling jobs ---------------------------------------------------------------------------
+@dataclass
+class HandleReport:
+    received: int = 0
+    results: int = 0
+    retried: int = 0
+    skipped: int = 0
+    cache_hits: int = 0
+    stats: list[BatchStats] = field(default_factory=list)
+
+
+class JobHandler:
+    """Everything a worker process holds: engine + batcher, intake pool, database engine."""
+
+    def __init__(
+        self, settings: Settings, engine: TaggingEngine, database: Engine, intake: ImageIntake | None = None
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.database = database
+        self.intake = intake or ImageIntake(settings)
+        self.pool = ThreadPoolExecutor(settings.intake_threads, thread_name_prefix="skutag-intake")
+        self.batcher = DynamicBatcher(engine, settings.batch_size, settings.batch_wait_ms / 1000)
+        self.tagger = _TimedTagger(self.batcher, settings.batch_time_limit_s)
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.intake.close()
+
+    def handle(self, specs: Sequence[JobSpec], sink: ResultSink, publisher: JobPublisher | None) -> HandleReport:
+        """Process one delivery of jobs. Idempotent: a redelivered job that is done is skipped."""
+        report = HandleReport(received=len(specs))
+        with translated_errors("claiming jobs"), self.database.begin() as conn:
+            claim = ledger.claim_jobs(conn, specs, self.settings.lease_s, self.settings.max_attempts)
+        report.skipped = len(claim.skipped)
+        exhausted = [failed_result(job, error, self.engine.provenance(job.run_id)) for job, error in claim.exhausted]
+        if not claim.claimed:
+            self._finish(exhausted, [], sink, publisher, report)
+            return report
+        outcomes = self.intake.prepare_many([job.image_uri for job in claim.claimed], self.pool)
+        cache = self._cache_for(claim.claimed, outcomes)
+        batch = tag_batch(self.tagger, claim.claimed, outcomes, cache, self.settings.max_attempts)
+        report.cache_hits, report.stats = batch.cache_hits, batch.stats
+        self._finish(exhausted + batch.results, batch.retries, sink, publisher, report)
+        return report
+
+    def _cache_for(self, jobs: Sequence[JobSpec], outcomes: Sequence[object]) -> dict[str, TagResult]:
+        keys = [
+            cache_key(outcome.sha256, self.engine.provenance(job.run_id))
+            for job, outcome in zip(jobs, outcomes, strict=True)
+            if isinstance(outcome, PreparedImage)
+        ]
+        with translated_errors("reading the result cache"), self.database.connect() as conn:
+            return ledger.cached_results(conn, keys)
+
+    def _finish(
+        self,
+        results: list[TagResult],
+        retries: list[tuple[JobSpec, ItemError]],
+        sink: ResultSink,
+        publisher: JobPublisher | None,
+        report: HandleReport,
+    ) -> None:
+        if results:
+            sink.send_results(results)
+        report.results = len(results)
+        if retries:
+            with translated_errors("releasing jobs for retry"), self.database.begin() as conn:
+                ledger.release_jobs(conn, [(job.job_id, error) for job, error in retries])
+            report.retried = len(retries)
+            if publisher is not None:
+                self._republish([job for job, _ in retries], publisher)
+
+    def _republish(self, jobs: list[JobSpec], publisher: JobPublisher) -> None:
+        try:
+            publisher.publish(jobs, "new")
+        except Exception:  # the reconciler publishes what has no published_at: nothing is lost
+            log.warning("could not re-publish %d jobs now; the reconciler will", len(jobs), exc_info=True)
+            return
+        with translated_errors("marking jobs published"), self.database.begin() as conn:
+            ledger.mark_published(conn, [job.job_id for job in jobs], publisher.epoch())

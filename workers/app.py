@@ -1,0 +1,126 @@
+"""Celery wiring: the app, its queues and delivery settings, and the broker-facing adapters
+(publisher, result sink). The one place Celery/kombu/redis errors are translated.
+
+Queues:
+    skutag.new        jobs from `skutag submit` (and retries)
+    skutag.backfill   jobs from `skutag backfill` (bounded by the backfill's backpressure)
+    skutag.write      result batches for the writer
+A GPU worker consumes skutag.new and skutag.backfill; a writer consumes skutag.write.
+
+Delivery: at least once. acks_late + reject_on_worker_lost put a message back when its worker
+dies; the visibility timeout is above the job lease, so a slow batch is not redelivered while
+it still runs; the ledger (Postgres) decides what is done, so a redelivery is skipped, never
+redone, and results are keyed by job id, never written twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from celery import Celery
+from kombu.exceptions import KombuError
+
+from pipeline.errors import RetryableError
+from pipeline.settings import Settings
+from schemas.results import JobSpec, TagResult
+
+QUEUE_NEW = "skutag.new"
+QUEUE_BACKFILL = "skutag.backfill"
+QUEUE_WRITE = "skutag.write"
+QUEUES = {"new": QUEUE_NEW, "backfill": QUEUE_BACKFILL}
+TAG_TASK = "skutag.tag"
+WRITE_TASK = "skutag.write_results"
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app for these settings. Built where used (CLI, worker, tests), never at import."""
+    app = Celery("skutag", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": max(2 * settings.lease_s, 10)},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        task_default_queue=QUEUE_NEW,
+        task_routes={TAG_TASK: {"queue": QUEUE_NEW}, WRITE_TASK: {"queue": QUEUE_WRITE}},
+    )
+    return app
+
+
+def job_message(job: JobSpec) -> dict[str, Any]:
+    return {"job_id": job.job_id, "run_id": job.run_id, "sku": job.sku, "image_uri": job.image_uri}
+
+
+class CeleryPublisher:
+    """Publishes jobs as messages of up to chunk jobs each, over one connection."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.chunk = settings.batch_size
+        self.broker_url = settings.broker_url
+        self._epoch: tuple[float, str | None] | None = None
+
+    def publish(self, jobs: Sequence[JobSpec], queue: str) -> None:
+        if not jobs:
+            return
+        try:
+            # One Redis pipeline for the lot: kombu's publish batch, not a round trip per message.
+            with self.app.producer_or_acquire() as producer, producer.batch(max_size=1000):
+                for start in range(0, len(jobs), self.chunk):
+                    payload = [job_message(job) for job in jobs[start : start + self.chunk]]
+                    self.app.send_task(TAG_TASK, args=[payload], queue=QUEUES.get(queue, queue), producer=producer)
+        except (KombuError, OSError, redis.RedisError) as exc:
+            raise RetryableError(f"broker unreachable at {self.broker_url}: {exc}") from exc
+
+    def epoch(self) -> str | None:
+        """Redis's run_id: it changes when Redis restarts, and with it every queued message is gone."""
+        now = time.monotonic()
+        if self._epoch is not None and now - self._epoch[0] < 5:
+            return self._epoch[1]
+        try:
+            client = redis.Redis.from_url(self.broker_url, socket_timeout=5)
+            try:
+                run_id = str(client.info("server")["run_id"])
+            finally:
+                client.close()
+        except redis.RedisError as exc:
+            raise RetryableError(f"broker unreachable at {self.broker_url}: {exc}") from exc
+        self._epoch = (now, run_id)
+        return run_id
+
+
+class CelerySink:
+    """Sends a batch's results to the writer queue as one message."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.broker_url = settings.broker_url
+
+    def send_results(self, results: Sequence[TagResult]) -> None:
+        payload = [result.model_dump(mode="json") for result in results]
+        try:
+            self.app.send_task(WRITE_TASK, args=[payload], queue=QUEUE_WRITE)
+        except (KombuError, OSError, redis.RedisError) as exc:
+            raise RetryableError(f"broker unreachable at {self.broker_url}: {exc}") from exc
+
+
+def queue_depths(settings: Settings) -> dict[str, int]:
+    """Messages waiting in each queue (not those a worker holds unacked)."""
+    try:
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+        try:
+            return {name: int(client.llen(name)) for name in (QUEUE_NEW, QUEUE_BACKFILL, QUEUE_WRITE)}
+        finally:
+            client.close()
+    except redis.RedisError as exc:
+        raise RetryableError(f"broker unreachable at {settings.broker_url}: {exc}") from exc

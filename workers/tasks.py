@@ -1,0 +1,145 @@
+"""The two Celery workers, wired to the pipeline's stages. No pipeline logic lives here.
+
+GPU worker (`skutag worker`): threads pool, one process; the model is loaded once, before the
+worker starts consuming (no prefork parent ever touches CUDA). Each message is handled by
+pipeline.worker.JobHandler; its DynamicBatcher merges concurrent messages into GPU batches.
+
+Writer (`skutag writer`): solo pool; celery-batches merges up to writer_batch_messages messages
+into one transaction. celery-batches acks a batch whose function raises and never retries it, so
+this function does not raise: on a database outage it retries, then puts the payloads back on the
+queue; if even that fails, the jobs' leases expire and the reconciler runs them again. The writer
+also runs the reconciler every reconcile_interval_s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery
+from celery_batches import Batches
+from pydantic import ValidationError
+
+from pipeline.db import make_engine
+from pipeline.errors import RetryableError, SkutagError
+from pipeline.inference import TaggingEngine, load_model
+from pipeline.local import write_valid
+from pipeline.reconcile import reconcile
+from pipeline.settings import Settings
+from pipeline.worker import JobHandler
+from pipeline.writer import ResultWriter
+from schemas.results import JobSpec, TagResult
+from schemas.taxonomy import load_taxonomy
+from workers.app import QUEUE_WRITE, TAG_TASK, WRITE_TASK, CeleryPublisher, CelerySink, create_app
+
+log = logging.getLogger("skutag.worker")
+
+
+def register_tag_task(app: Celery, handler: JobHandler, sink: CelerySink, publisher: CeleryPublisher) -> None:
+    @app.task(name=TAG_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+    def tag(self: Any, jobs: list[dict[str, Any]]) -> None:
+        started = time.perf_counter()
+        specs = [JobSpec.model_validate(job) for job in jobs]
+        try:
+            report = handler.handle(specs, sink, publisher)
+        except RetryableError as exc:
+            log.warning("batch of %d jobs will be retried: %s", len(specs), exc.message)
+            raise self.retry(exc=exc, countdown=5, max_retries=None) from exc
+        log.info(
+            "%d jobs: %d results (%d from cache), %d retried, %d skipped in %.0f ms",
+            report.received, report.results, report.cache_hits, report.retried, report.skipped,
+            (time.perf_counter() - started) * 1000,
+        )  # fmt: skip
+
+
+def run_gpu_worker(settings: Settings, queues: Sequence[str], concurrency: int, loglevel: str = "INFO") -> None:
+    """Load the model, then consume until stopped (SIGTERM: finish running batches, then exit)."""
+    app = create_app(settings)
+    taxonomy = load_taxonomy(settings.taxonomy_path)
+    engine = TaggingEngine(load_model(settings), taxonomy, settings)
+    handler = JobHandler(settings, engine, make_engine(settings.database_url, pool_size=concurrency + 2))
+    register_tag_task(app, handler, CelerySink(app, settings), CeleryPublisher(app, settings))
+    log.info("model %s (%s) loaded; consuming %s", settings.model, settings.quantization, ", ".join(queues))
+    try:
+        app.worker_main(
+            argv=["worker", "--pool=threads", f"--concurrency={concurrency}", f"--queues={','.join(queues)}",
+                  "--prefetch-multiplier=1", "--without-gossip", "--without-mingle", "--without-heartbeat",
+                  f"--loglevel={loglevel}", f"--hostname=skutag-gpu-{os.getpid()}@%h"]
+        )  # fmt: skip
+    finally:
+        handler.close()
+
+
+def register_write_task(app: Celery, writer: ResultWriter, settings: Settings) -> None:
+    @app.task(  # type: ignore[untyped-decorator]
+        name=WRITE_TASK,
+        base=Batches,
+        flush_every=settings.writer_batch_messages,
+        flush_interval=0.2,
+        acks_late=True,
+    )
+    def write_results(requests: Sequence[Any]) -> None:
+        results: list[TagResult] = []
+        for request in requests:
+            try:
+                results += [TagResult.model_validate(item) for item in request.args[0]]
+            except (ValidationError, IndexError, TypeError) as exc:  # the jobs' leases will bring them back
+                log.error("dropped a malformed result message: %s", str(exc).splitlines()[0])
+        if not results:
+            return
+        try:
+            write_valid(writer, results)
+        except RetryableError as exc:
+            log.error("could not write %d results (%s): putting them back on the queue", len(results), exc.message)
+            _requeue(app, requests)
+            return
+        log.info("wrote %d results from %d messages", len(results), len(requests))
+
+
+def _requeue(app: Celery, requests: Sequence[Any]) -> None:
+    try:
+        for request in requests:
+            app.send_task(WRITE_TASK, args=request.args, queue=QUEUE_WRITE)
+    except Exception:  # broker down as well: the ledger's leases bring the jobs back
+        log.exception("could not put results back on the queue; the reconciler will re-run their jobs")
+
+
+def _reconcile_forever(stop: threading.Event, settings: Settings, app: Celery) -> None:
+    database = make_engine(settings.database_url)
+    publisher = CeleryPublisher(app, settings)
+    while not stop.wait(settings.reconcile_interval_s):
+        try:
+            report = reconcile(database, publisher, settings)
+        except SkutagError as exc:
+            log.warning("reconcile failed, will try again: %s", exc.message)
+            continue
+        if report.expired_leases or report.lost_messages or report.published:
+            log.info(
+                "reconcile: %d expired leases, %d lost messages, %d jobs published",
+                report.expired_leases, report.lost_messages, report.published,
+            )  # fmt: skip
+
+
+def run_writer(settings: Settings, loglevel: str = "INFO", reconcile_periodically: bool = True) -> None:
+    app = create_app(settings)
+    taxonomy = load_taxonomy(settings.taxonomy_path)
+    writer = ResultWriter(make_engine(settings.database_url), taxonomy, settings.notify_channel)
+    register_write_task(app, writer, settings)
+    stop = threading.Event()
+    if reconcile_periodically:
+        threading.Thread(
+            target=_reconcile_forever, args=(stop, settings, app), name="skutag-reconcile", daemon=True
+        ).start()
+    try:
+        app.worker_main(
+            argv=["worker", "--pool=solo", f"--queues={QUEUE_WRITE}",
+                  f"--prefetch-multiplier={2 * settings.writer_batch_messages}", "--without-gossip",
+                  "--without-mingle", "--without-heartbeat", f"--loglevel={loglevel}",
+                  f"--hostname=skutag-writer-{os.getpid()}@%h"]
+        )  # fmt: skip
+    finally:
+        stop.set()
