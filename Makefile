@@ -10,7 +10,7 @@ TORCH_INDEX   ?=
 PYTEST_ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-writer bench-intake bench-submit bench-pipeline bench-gpu clean
+.PHONY: help install demo test test-fast lint format bench bench-writer bench-intake bench-submit bench-pipeline bench-backfill bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -47,7 +47,7 @@ format: install ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: bench-writer bench-intake bench-submit bench-pipeline ## every CPU benchmark (results go to docs/benchmarks.md by hand)
+bench: bench-writer bench-intake bench-submit bench-pipeline bench-backfill ## every CPU benchmark (results go to docs/benchmarks.md by hand)
 
 bench-writer: install ## writer vs naive per-row insert, into the local Postgres
 	$(SKUTAG) bench writer
@@ -57,6 +57,9 @@ bench-intake: install ## image intake vs the article's snippet, per core
 
 bench-submit: install ## jobs/s from a catalog file into Redis vs one .delay() per job
 	$(SKUTAG) bench submit
+
+bench-backfill: install ## backfill planning / enqueue / memory on synthetic catalogs up to 1M items
+	$(SKUTAG) bench backfill
 
 bench-pipeline: install ## Redis + Celery + Postgres end to end vs a plain in-process loop
 	$(SKUTAG) bench pipeline

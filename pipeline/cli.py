@@ -291,6 +291,24 @@ def bench_submit(server_url: str, broker_url: str, rows: int, repeats: int) -> N
     click.echo(json.dumps(submit_bench.run(server_url, broker_url, rows=rows, repeats=repeats)))
 
 
+@bench.command("backfill")
+@click.option(
+    "--database-url",
+    "server_url",
+    default="postgresql+psycopg2://postgres@127.0.0.1:5432/test",
+    show_default=True,
+    help="A Postgres server; the benchmark uses scratch databases on it.",
+)
+@click.option("--broker-url", default="redis://127.0.0.1:6379/13", show_default=True, help="Flushed before each run.")
+@click.option("--sizes", default="100000,300000,1000000", show_default=True)
+def bench_backfill(server_url: str, broker_url: str, sizes: str) -> None:
+    """Backfill planning time, enqueue rate and peak RSS on synthetic catalogs up to 1M items."""
+    from pipeline.bench import backfill as backfill_bench
+
+    summary = backfill_bench.run(server_url, broker_url, tuple(int(s) for s in sizes.split(",")))
+    click.echo(json.dumps(summary))
+
+
 @bench.command("writer")
 @click.option(
     "--database-url",
@@ -642,6 +660,113 @@ def _run_local(settings: Settings, catalog: Any, resume_run: int | None, console
         + f"; {report.cache_hits} from the result cache; {rate:.1f} images/s"
     )
     return EXIT_FOR_STATE.get(state, 0)
+
+
+@main.command()
+@click.option(
+    "--catalog",
+    type=click.File("r", encoding="utf-8-sig"),
+    help="Refresh the items from this CSV/JSONL first (else SKUTAG_BACKFILL_SOURCE_QUERY, if set).",
+)
+@click.option(
+    "--check-content",
+    is_flag=True,
+    help="Re-fetch tagged images (conditionally: ETag / Last-Modified) and re-tag those whose bytes changed.",
+)
+@click.option(
+    "--max-age", "max_age_days", type=float, help="Also re-tag items whose tags are older than this many days."
+)
+@click.option("--max-outstanding", type=int, help="Most jobs in Redis at once (SKUTAG_BACKFILL_MAX_OUTSTANDING).")
+@click.option("--dry-run", is_flag=True, help="Count what would be re-tagged, by reason, with an estimated duration.")
+@click.option("--no-wait", is_flag=True, help="Publish what fits now and exit; the next backfill continues the run.")
+@click.option("--summary", "summary_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the JSON summary to this file.")  # fmt: skip
+@model_options
+@click.pass_context
+def backfill(
+    ctx: click.Context,
+    /,
+    catalog: Any,
+    check_content: bool,
+    max_age_days: float | None,
+    max_outstanding: int | None,
+    dry_run: bool,
+    no_wait: bool,
+    summary_path: Path | None,
+    **overrides: Any,
+) -> None:
+    """Re-tag what changed since the last run: new items, changed images, new model / prompt /
+    taxonomy versions, retryable failures, old tags. One at a time (exit 6 if another runs);
+    resumes its run after a crash; never more than --max-outstanding jobs in Redis. Prints a JSON
+    summary. Exit code: 0 all done, 4 some failed, 5 all failed, 2/3/6 could not run.
+
+    \b
+    Nightly, from cron:
+      15 1 * * *  skutag backfill --catalog /data/catalog.csv --summary /var/log/skutag/last.json"""
+    from datetime import timedelta
+
+    from pipeline.backfill import BackfillOptions, DryRun, refresh_from_query, refresh_from_rows, run_backfill
+    from pipeline.catalog import read_catalog
+    from pipeline.db import make_engine
+    from pipeline.metrics import BackfillMetrics, serve
+    from schemas.taxonomy import load_taxonomy
+    from workers.app import CeleryPublisher, create_app
+
+    settings = settings_from(ctx, backfill_max_outstanding=max_outstanding, **overrides)
+    database = _database(settings)
+    bad_rows: list[Any] = []
+    refresh = None
+    if catalog is not None:
+        refresh = refresh_from_rows(read_catalog(catalog, catalog.name), bad_rows)
+    elif settings.backfill_source_query:
+        source = make_engine(settings.backfill_source_url or settings.database_url)
+        refresh = refresh_from_query(source, settings.backfill_source_query)
+    options = BackfillOptions(
+        dry_run=dry_run, check_content=check_content, wait=not no_wait,
+        max_age=timedelta(days=max_age_days) if max_age_days else None,
+        max_outstanding=settings.backfill_max_outstanding,
+    )  # fmt: skip
+    publisher = None if dry_run else CeleryPublisher(create_app(settings), settings)
+    metrics = BackfillMetrics()
+    serve(settings.metrics_port, metrics.registry)
+    result = run_backfill(settings, load_taxonomy(settings.taxonomy_path), database, publisher, options, refresh,
+                          on_progress=_backfill_progress(metrics))  # fmt: skip
+    _report_bad_rows(bad_rows)
+    document = _backfill_document(result)
+    text = json.dumps(document, indent=2)
+    click.echo(text)
+    if summary_path:
+        summary_path.write_text(text + "\n")
+    if not isinstance(result, DryRun):
+        sys.exit(EXIT_FOR_STATE.get(result.state, 0))
+
+
+def _backfill_progress(metrics: Any) -> Any:
+    import time
+
+    last = {"at": 0.0, "published": 0}
+
+    def report(progress: Any, outstanding: int) -> None:
+        metrics.update({}, outstanding, progress.published - last["published"])
+        last["published"] = progress.published
+        now = time.monotonic()
+        if now - last["at"] >= 5:
+            err_console.print(f"backfill: {progress.published} published, {outstanding} outstanding")
+            last["at"] = now
+
+    return report
+
+
+def _backfill_document(result: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from pipeline.backfill import DryRun
+
+    if isinstance(result, DryRun):
+        return {"dry_run": True, "to_retag": result.total, "by_reason": result.by_reason,
+                "estimated_s": result.estimated_s, "planning_s": round(result.planning_s, 3),
+                "content_check": result.content_check}  # fmt: skip
+    return asdict(result)
 
 
 # --- demo ------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ jobs = sa.Table(
     sa.UniqueConstraint("run_id", "sku"),
     sa.CheckConstraint(_one_of("state", JOB_STATES), name="state"),
     sa.Index("ix_jobs_run_id_state", "run_id", "state"),
-    sa.Index("ix_jobs_sku", "sku"),
+    sa.Index("ix_jobs_sku_id", "sku", "id"),
     sa.Index(
         "ix_jobs_open",
         "state",

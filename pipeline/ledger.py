@@ -50,10 +50,14 @@ WHERE items.image_uri <> excluded.image_uri
 """).bindparams(sa.bindparam("now", type_=sa.DateTime(timezone=True)))
 
 
-def _staging(conn: Connection, ddl: str, key: str) -> None:
+def _staging(conn: Connection, ddl: str, table: str) -> None:
+    """A per-connection temporary table, emptied: it clears on commit, but one transaction may
+    stage twice (a backfill refreshes items in chunks)."""
+    key = f"skutag_{table}"
     if not conn.info.get(key):
         conn.exec_driver_sql(ddl)
         conn.info[key] = True
+    conn.exec_driver_sql(f"DELETE FROM {table}")
 
 
 def upsert_items(conn: Connection, rows: Sequence[CatalogRow], now: datetime | None = None) -> None:
@@ -64,7 +68,7 @@ def upsert_items(conn: Connection, rows: Sequence[CatalogRow], now: datetime | N
         return
     now = now or utcnow()
     if conn.dialect.name == "postgresql":
-        _staging(conn, _STAGE_ITEMS, "skutag_stage_items")
+        _staging(conn, _STAGE_ITEMS, "stage_items")
         copy_rows(conn, "stage_items", ("sku", "image_uri", "title", "category_hint"),
                   ((r.sku, r.image_uri, r.title, r.category_hint) for r in rows))  # fmt: skip
         conn.execute(_UPSERT_STAGED_ITEMS, {"now": now})
@@ -127,7 +131,7 @@ def add_jobs(
     now = now or utcnow()
     unique = dict(entries)
     if conn.dialect.name == "postgresql":
-        _staging(conn, _STAGE_JOBS, "skutag_stage_jobs")
+        _staging(conn, _STAGE_JOBS, "stage_jobs")
         copy_rows(conn, "stage_jobs", ("sku", "image_uri"), unique.items())
         params = {"run_id": run_id, "reason": reason, "queue": queue, "now": now}
         created = sorted(conn.execute(_INSERT_STAGED_JOBS, params).all(), key=lambda row: row.id)
@@ -315,11 +319,12 @@ def forget_lost_publications(conn: Connection, epoch: str | None, stale_before: 
     return int(conn.execute(statement).rowcount or 0)
 
 
-def unpublished_jobs(conn: Connection, limit: int, after_id: int = 0) -> list[tuple[JobSpec, str]]:
-    """Queued jobs that no message carries, oldest first, with their queue: what to publish."""
+def unpublished_jobs(conn: Connection, limit: int, after_id: int = 0, queue: str = "new") -> list[tuple[JobSpec, str]]:
+    """Queued jobs of a queue that no message carries, oldest first: what to publish. (The backfill
+    queue is published by the backfill process alone, which keeps its bound on outstanding jobs.)"""
     statement = (
         sa.select(jobs.c.id, jobs.c.run_id, jobs.c.sku, jobs.c.image_uri, jobs.c.queue, jobs.c.attempts)
-        .where(jobs.c.state == "queued", jobs.c.published_at.is_(None), jobs.c.id > after_id)
+        .where(jobs.c.state == "queued", jobs.c.published_at.is_(None), jobs.c.id > after_id, jobs.c.queue == queue)
         .order_by(jobs.c.id)
         .limit(limit)
     )

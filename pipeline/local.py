@@ -91,7 +91,7 @@ def run_jobs(
         with ThreadPoolExecutor(2, thread_name_prefix="skutag-local") as pool:
             while batch := open_jobs(handler.database, run_id, after, size):
                 after = batch[-1].job_id
-                in_flight.append(pool.submit(handler.handle, batch, sink, None))
+                in_flight.append(pool.submit(handler.handle, batch, sink))
                 if len(in_flight) >= 2:
                     _collect(in_flight.pop(0), report, on_progress)
             for future in in_flight:

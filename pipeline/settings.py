@@ -99,6 +99,17 @@ class Settings(BaseSettings):
     fetch_total_timeout_s: float = Field(15.0, gt=0)
     fetch_max_redirects: int = Field(5, ge=0, le=20)
 
+    # --- backfill -------------------------------------------------------------------------
+    backfill_max_outstanding: int = Field(
+        2000, ge=1, description="Most backfill jobs published and not finished at any time (Redis memory bound)."
+    )
+    backfill_source_query: str | None = Field(
+        None, description="Read-only SQL returning sku, image_uri[, title, category_hint]: the catalog to refresh from."
+    )
+    backfill_source_url: str | None = Field(
+        None, description="Database for backfill_source_query (default: database_url)."
+    )
+
     # --- operations -----------------------------------------------------------------------
     work_dir: Path = Field(Path(".skutag"), description="Tiny model, demo catalog, caches.")
     metrics_port: int | None = Field(None, ge=1, le=65535)

@@ -4,7 +4,7 @@
     -> results to the sink (the writer) ; retryable failures back to the queue
 
 The Celery GPU worker (workers/), local mode (`skutag run`) and the benchmarks all use JobHandler;
-only the sink (a Redis queue to the writer, or the writer itself) and the publisher differ.
+only the sink differs (a Redis queue to the writer, or the writer itself).
 
 DynamicBatcher owns the model on one thread: requests from several message-handling threads are
 merged into one batch (up to batch_size, waiting at most batch_wait_ms for more), so intake for
@@ -146,6 +146,7 @@ class HandleReport:
     skipped: int = 0
     cache_hits: int = 0
     stats: list[BatchStats] = field(default_factory=list)
+    outcomes: dict[str, int] = field(default_factory=dict)  # results by status, cache hits included
 
 
 class JobHandler:
@@ -167,7 +168,7 @@ class JobHandler:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.intake.close()
 
-    def handle(self, specs: Sequence[JobSpec], sink: ResultSink, publisher: JobPublisher | None) -> HandleReport:
+    def handle(self, specs: Sequence[JobSpec], sink: ResultSink) -> HandleReport:
         """Process one delivery of jobs. Idempotent: a redelivered job that is done is skipped."""
         report = HandleReport(received=len(specs))
         with translated_errors("claiming jobs"), self.database.begin() as conn:
@@ -175,13 +176,13 @@ class JobHandler:
         report.skipped = len(claim.skipped)
         exhausted = [failed_result(job, error, self.engine.provenance(job.run_id)) for job, error in claim.exhausted]
         if not claim.claimed:
-            self._finish(exhausted, [], sink, publisher, report)
+            self._finish(exhausted, [], sink, report)
             return report
         outcomes = self.intake.prepare_many([job.image_uri for job in claim.claimed], self.pool)
         cache = self._cache_for(claim.claimed, outcomes)
         batch = tag_batch(self.tagger, claim.claimed, outcomes, cache, self.settings.max_attempts)
         report.cache_hits, report.stats = batch.cache_hits, batch.stats
-        self._finish(exhausted + batch.results, batch.retries, sink, publisher, report)
+        self._finish(exhausted + batch.results, batch.retries, sink, report)
         return report
 
     def _cache_for(self, jobs: Sequence[JobSpec], outcomes: Sequence[object]) -> dict[str, TagResult]:
@@ -198,24 +199,16 @@ class JobHandler:
         results: list[TagResult],
         retries: list[tuple[JobSpec, ItemError]],
         sink: ResultSink,
-        publisher: JobPublisher | None,
         report: HandleReport,
     ) -> None:
         if results:
             sink.send_results(results)
         report.results = len(results)
+        for result in results:
+            report.outcomes[result.status] = report.outcomes.get(result.status, 0) + 1
         if retries:
+            # Back to the queue with no message: the reconciler (new jobs) or the backfill (its own)
+            # publishes them on its next round, which is the retry's back-off.
             with translated_errors("releasing jobs for retry"), self.database.begin() as conn:
                 ledger.release_jobs(conn, [(job.job_id, error) for job, error in retries])
             report.retried = len(retries)
-            if publisher is not None:
-                self._republish([job for job, _ in retries], publisher)
-
-    def _republish(self, jobs: list[JobSpec], publisher: JobPublisher) -> None:
-        try:
-            publisher.publish(jobs, "new")
-        except Exception:  # the reconciler publishes what has no published_at: nothing is lost
-            log.warning("could not re-publish %d jobs now; the reconciler will", len(jobs), exc_info=True)
-            return
-        with translated_errors("marking jobs published"), self.database.begin() as conn:
-            ledger.mark_published(conn, [job.job_id for job in jobs], publisher.epoch())

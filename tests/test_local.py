@@ -170,7 +170,7 @@ def test_worker_memory_stays_flat_over_a_long_run(
             jobs = [job.model_copy(update={"image_uri": f"{i}.jpg"}) for i, job in enumerate(jobs)]
             with sqlite_engine.begin() as conn:  # distinct content each round: no cache hits
                 conn.execute(sa.text("DELETE FROM results"))
-            handler.handle(jobs, sink, None)
+            handler.handle(jobs, sink)
             samples.append(_rss_mb())
     finally:
         handler.close()

@@ -140,9 +140,24 @@ class Pipeline:
             return conn.execute(sa.text(sql), params).scalar_one()
 
     def wait_for_run(self, run_id: int, timeout: float = 240) -> None:
-        wait_for(
-            lambda: self.scalar("SELECT state FROM runs WHERE id = :r", r=run_id) != "running", timeout, f"run {run_id}"
-        )
+        def finished() -> bool:
+            self.check_alive()
+            return bool(self.scalar("SELECT state FROM runs WHERE id = :r", r=run_id) != "running")
+
+        wait_for(finished, timeout, f"run {run_id}")
+
+    def wait_for_results(self, count: int, timeout: float = 120) -> None:
+        def enough() -> bool:
+            self.check_alive()
+            return bool(self.scalar("SELECT count(*) FROM results") >= count)
+
+        wait_for(enough, timeout, f"{count} results")
+
+    def check_alive(self) -> None:
+        """A worker or writer that died on its own fails the test now, with its log."""
+        for process in self.processes:
+            if process.poll() is not None and process.returncode != -signal.SIGKILL:
+                raise AssertionError(f"{process.args} exited with {process.returncode}\n{self.logs_text()}")
 
     def stop_all(self) -> None:
         for process in self.processes:
@@ -229,7 +244,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(pipeline: Pipeline, taxonomy: T
     worker = pipeline.start("worker")
     pipeline.start("writer")
     report = pipeline.submit(catalog(pipeline, 300, prefix="K"), taxonomy)
-    wait_for(lambda: pipeline.scalar("SELECT count(*) FROM results") >= 30, 120, "the first results")
+    pipeline.wait_for_results(30)
     worker.send_signal(signal.SIGKILL)
     worker.wait(10)
     interrupted = pipeline.scalar("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")
@@ -246,7 +261,7 @@ def test_a_redis_restart_loses_nothing_after_reconcile(pipeline: Pipeline, taxon
     pipeline.start("worker")
     pipeline.start("writer")
     report = pipeline.submit(catalog(pipeline, 300, prefix="R"), taxonomy)
-    wait_for(lambda: pipeline.scalar("SELECT count(*) FROM results") >= 20, 120, "the first results")
+    pipeline.wait_for_results(20)
     pipeline.redis.restart()  # queued and unacknowledged messages are gone
     settings = pipeline.settings
     reconciled = reconcile(pipeline.engine, CeleryPublisher(create_app(settings), settings), settings)
@@ -261,7 +276,7 @@ def test_postgres_connections_cut_mid_run_still_give_one_result_per_job(
     pipeline.start("worker")
     pipeline.start("writer")
     report = pipeline.submit(catalog(pipeline, 300, prefix="P"), taxonomy)
-    wait_for(lambda: pipeline.scalar("SELECT count(*) FROM results") >= 20, 120, "the first results")
+    pipeline.wait_for_results(20)
     database = sa.engine.make_url(pipeline.database_url).database
     cut = 0
     for _ in range(8):  # every connection the worker and the writer hold, several times over

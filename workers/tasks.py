@@ -28,27 +28,29 @@ from pipeline.db import make_engine
 from pipeline.errors import RetryableError, SkutagError
 from pipeline.inference import TaggingEngine, load_model
 from pipeline.local import write_valid
+from pipeline.metrics import WorkerMetrics, serve
 from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
 from pipeline.worker import JobHandler
 from pipeline.writer import ResultWriter
 from schemas.results import JobSpec, TagResult
 from schemas.taxonomy import load_taxonomy
-from workers.app import QUEUE_WRITE, TAG_TASK, WRITE_TASK, CeleryPublisher, CelerySink, create_app
+from workers.app import QUEUE_WRITE, TAG_TASK, WRITE_TASK, CeleryPublisher, CelerySink, create_app, queue_depths
 
 log = logging.getLogger("skutag.worker")
 
 
-def register_tag_task(app: Celery, handler: JobHandler, sink: CelerySink, publisher: CeleryPublisher) -> None:
+def register_tag_task(app: Celery, handler: JobHandler, sink: CelerySink, metrics: WorkerMetrics) -> None:
     @app.task(name=TAG_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
     def tag(self: Any, jobs: list[dict[str, Any]]) -> None:
         started = time.perf_counter()
         specs = [JobSpec.model_validate(job) for job in jobs]
         try:
-            report = handler.handle(specs, sink, publisher)
+            report = handler.handle(specs, sink)
         except RetryableError as exc:
             log.warning("batch of %d jobs will be retried: %s", len(specs), exc.message)
             raise self.retry(exc=exc, countdown=5, max_retries=None) from exc
+        metrics.observe(report, time.perf_counter() - started)
         log.info(
             "%d jobs: %d results (%d from cache), %d retried, %d skipped in %.0f ms",
             report.received, report.results, report.cache_hits, report.retried, report.skipped,
@@ -62,7 +64,10 @@ def run_gpu_worker(settings: Settings, queues: Sequence[str], concurrency: int, 
     taxonomy = load_taxonomy(settings.taxonomy_path)
     engine = TaggingEngine(load_model(settings), taxonomy, settings)
     handler = JobHandler(settings, engine, make_engine(settings.database_url, pool_size=concurrency + 2))
-    register_tag_task(app, handler, CelerySink(app, settings), CeleryPublisher(app, settings))
+    metrics = WorkerMetrics()
+    metrics.watch_queues(lambda: queue_depths(settings))
+    serve(settings.metrics_port, metrics.registry)
+    register_tag_task(app, handler, CelerySink(app, settings), metrics)
     log.info("model %s (%s) loaded; consuming %s", settings.model, settings.quantization, ", ".join(queues))
     try:
         app.worker_main(

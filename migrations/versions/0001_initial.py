@@ -81,7 +81,7 @@ def _create_ledger() -> None:
         sa.UniqueConstraint("run_id", "sku", name="uq_jobs_run_id_sku"),
     )
     op.create_index("ix_jobs_run_id_state", "jobs", ["run_id", "state"])
-    op.create_index("ix_jobs_sku", "jobs", ["sku"])
+    op.create_index("ix_jobs_sku_id", "jobs", ["sku", "id"])  # the latest job per sku (backfill planning)
     op.create_index("ix_jobs_open", "jobs", ["state", "lease_expires_at"], postgresql_where=OPEN, sqlite_where=OPEN)
 
 

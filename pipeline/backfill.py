@@ -1,0 +1,529 @@
+"""The nightly backfill: re-tag only what changed, for catalogs of millions.
+
+    lock (one backfill at a time) -> refresh the catalog (a file or a read-only SQL query)
+    -> [optional content check: conditional re-fetch, re-hash] -> plan (one set-based INSERT)
+    -> enqueue with backpressure (never more than max_outstanding jobs in Redis) -> summary
+
+A job is planned for an item, with the first reason that applies:
+    retry_failed           its last job failed with a retryable error, and failures < max_attempts
+    never_tagged           no current tags
+    image_uri_changed      the item's image_uri differs from the one its tags came from
+    image_content_changed  same URI, different bytes (with --check-content)
+    model_changed / quantization_changed / taxonomy_changed / prompt_changed
+    older_than_max_age     tags older than --max-age
+Nothing is planned for an item whose last job is still open, or failed for good on the same URI.
+
+A crashed or stopped backfill, started again, continues its run: the plan only adds what is
+missing, and finished jobs are never re-enqueued. The backfill process alone publishes its
+queue's new jobs (the reconciler leaves them to it), so the bound on outstanding jobs holds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine, make_url
+
+from pipeline import ledger
+from pipeline.db import copy_rows, jobs, runs, translated_errors
+from pipeline.errors import LockedError
+from pipeline.images import Fetcher, FetchPolicy, IntakeError
+from pipeline.producer import config_snapshot
+from pipeline.settings import Settings
+from pipeline.worker import JobPublisher
+from schemas.results import RETRYABLE_CODES, ErrorCode, JobSpec
+from schemas.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+
+BACKFILL_LOCK = 0x5C07B1
+QUEUE = "backfill"
+REASONS = (
+    "retry_failed", "never_tagged", "image_uri_changed", "image_content_changed", "model_changed",
+    "quantization_changed", "taxonomy_changed", "prompt_changed", "older_than_max_age",
+)  # fmt: skip
+RETRYABLE = (*(code.value for code in RETRYABLE_CODES), ErrorCode.ATTEMPTS_EXHAUSTED.value)
+
+# One row per item that needs a job, with its reason. The last job per sku comes from the
+# (sku, id) index; the failure count is only evaluated for items whose last job failed.
+_PLAN = """
+SELECT sku, image_uri, reason FROM (
+  SELECT i.sku, i.image_uri,
+    CASE
+      WHEN lj.state IN ('queued', 'running') THEN NULL
+      WHEN lj.state = 'failed' AND lj.image_uri = i.image_uri AND lj.last_error_code NOT IN ({retryable}) THEN NULL
+      WHEN lj.state = 'failed' AND lj.image_uri = i.image_uri THEN
+        CASE WHEN (SELECT count(*) FROM jobs f WHERE f.sku = i.sku AND f.state = 'failed') < :max_failures
+             THEN 'retry_failed' END
+      WHEN t.sku IS NULL THEN 'never_tagged'
+      WHEN t.image_uri IS NULL OR t.image_uri <> i.image_uri THEN 'image_uri_changed'
+      WHEN cc.sku IS NOT NULL THEN 'image_content_changed'
+      WHEN t.model_id <> :model_id THEN 'model_changed'
+      WHEN t.quantization <> :quantization THEN 'quantization_changed'
+      WHEN t.taxonomy_version <> :taxonomy_version THEN 'taxonomy_changed'
+      WHEN t.prompt_version <> :prompt_version THEN 'prompt_changed'
+      WHEN t.produced_at < :cutoff THEN 'older_than_max_age'
+    END AS reason
+  FROM items i
+  LEFT JOIN tag_sets t ON t.sku = i.sku
+  LEFT JOIN content_changed cc ON cc.sku = i.sku
+  LEFT JOIN jobs lj ON lj.id = (SELECT max(j.id) FROM jobs j WHERE j.sku = i.sku)
+) planned
+WHERE reason IS NOT NULL
+"""
+
+_CONTENT_TABLE = "CREATE TEMP TABLE IF NOT EXISTS content_changed (sku text PRIMARY KEY)"
+
+
+@dataclass(frozen=True)
+class Plan:
+    run_id: int | None
+    by_reason: dict[str, int]
+    seconds: float
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+
+@dataclass
+class BackfillSummary:
+    run_id: int
+    state: str
+    jobs_by_state: dict[str, int]
+    planned_by_reason: dict[str, int]
+    failed_by_reason: dict[str, int]
+    cache_hits: int
+    started_at: str
+    finished_at: str | None
+    duration_s: float
+    images_per_s: float | None
+    gpu_seconds_per_1000_skus: float | None
+    planning_s: float = 0.0
+    enqueue_s: float = 0.0
+    published: int = 0
+    resumed: bool = False
+
+
+# --- the lock --------------------------------------------------------------------------------
+@contextmanager
+def backfill_lock(database: Engine) -> Iterator[Connection]:
+    """Hold the one-backfill-at-a-time lock for the duration; yields the connection that holds it
+    (Postgres: a session advisory lock; SQLite: an flock beside the database file)."""
+    with translated_errors("taking the backfill lock"), database.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            if not conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": BACKFILL_LOCK}).scalar_one():
+                conn.rollback()
+                raise LockedError("another backfill is running (it holds the backfill lock); this one did not start")
+            conn.commit()
+            try:
+                yield conn
+            finally:
+                conn.rollback()
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": BACKFILL_LOCK})
+                conn.commit()
+            return
+        with _file_lock(_sqlite_lock_path(database)):
+            yield conn
+
+
+def _sqlite_lock_path(database: Engine) -> Path:
+    name = make_url(str(database.url)).database or "memory"
+    return Path(f"{name}.backfill.lock")
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with path.open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise LockedError(
+                "another backfill is running (it holds the backfill lock); this one did not start"
+            ) from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- planning --------------------------------------------------------------------------------
+def _plan_params(settings: Settings, taxonomy: Taxonomy, max_age: timedelta | None, now: datetime) -> dict[str, Any]:
+    versions = config_snapshot(settings, taxonomy)
+    cutoff = now - max_age if max_age else datetime(1970, 1, 1, tzinfo=now.tzinfo)
+    return {
+        "model_id": settings.model,
+        "quantization": settings.quantization,
+        "taxonomy_version": versions["taxonomy_version"],
+        "prompt_version": versions["prompt_version"],
+        "cutoff": cutoff,
+        "max_failures": settings.max_attempts,
+    }
+
+
+def _plan_query() -> str:
+    return _PLAN.format(retryable=", ".join(f"'{code}'" for code in RETRYABLE))
+
+
+def _bind(text: str) -> sa.TextClause:
+    return sa.text(text).bindparams(sa.bindparam("cutoff", type_=sa.DateTime(timezone=True)))
+
+
+def count_plan(conn: Connection, params: dict[str, Any]) -> dict[str, int]:
+    conn.exec_driver_sql(_CONTENT_TABLE)
+    rows = conn.execute(_bind(f"SELECT reason, count(*) FROM ({_plan_query()}) p GROUP BY reason"), params)
+    return {reason: int(count) for reason, count in rows}
+
+
+def insert_plan(conn: Connection, run_id: int, params: dict[str, Any], now: datetime) -> dict[str, int]:
+    """Create the run's jobs in one statement; returns the run's jobs by reason (all of them, so a
+    resumed run reports its whole plan)."""
+    conn.exec_driver_sql(_CONTENT_TABLE)
+    statement = _bind(f"""
+        INSERT INTO jobs (run_id, sku, image_uri, reason, queue, state, attempts, created_at, updated_at)
+        SELECT :run_id, sku, image_uri, reason, '{QUEUE}', 'queued', 0, :now, :now FROM ({_plan_query()}) p
+        WHERE true
+        ON CONFLICT (run_id, sku) DO NOTHING""").bindparams(sa.bindparam("now", type_=sa.DateTime(timezone=True)))
+    conn.execute(statement, {**params, "run_id": run_id, "now": now})
+    total = sa.select(sa.func.count()).where(jobs.c.run_id == run_id).scalar_subquery()
+    conn.execute(sa.update(runs).where(runs.c.id == run_id).values(total_jobs=total))
+    rows = conn.execute(
+        sa.select(jobs.c.reason, sa.func.count()).where(jobs.c.run_id == run_id).group_by(jobs.c.reason)
+    )
+    return {reason: int(count) for reason, count in rows}
+
+
+def open_backfill_run(conn: Connection) -> int | None:
+    statement = (
+        sa.select(runs.c.id)
+        .where(runs.c.kind == "backfill", runs.c.state == "running")
+        .order_by(runs.c.id.desc())
+        .limit(1)
+    )
+    return conn.execute(statement).scalar_one_or_none()
+
+
+# --- content check ---------------------------------------------------------------------------
+def check_content(conn: Connection, settings: Settings, threads: int = 16, page: int = 2000) -> dict[str, int]:
+    """Re-fetch tagged images whose URI did not change (conditionally, with the stored ETag /
+    Last-Modified) and record in content_changed those whose bytes no longer match their tags."""
+    conn.exec_driver_sql(_CONTENT_TABLE)
+    fetcher = Fetcher(FetchPolicy.from_settings(settings))
+    counts = {"checked": 0, "not_modified": 0, "changed": 0, "errors": 0}
+    query = sa.text("""
+        SELECT i.sku, i.image_uri, i.image_etag, i.image_last_modified, t.image_sha256
+        FROM items i JOIN tag_sets t ON t.sku = i.sku AND t.image_uri = i.image_uri
+        WHERE i.sku > :after ORDER BY i.sku LIMIT :page""")
+    after = ""
+    with ThreadPoolExecutor(threads, thread_name_prefix="skutag-check") as pool:
+        while rows := conn.execute(query, {"after": after, "page": page}).all():
+            after = rows[-1].sku
+            outcomes = list(pool.map(lambda row: _check_one(fetcher, row), rows))
+            _record_checks(conn, rows, outcomes, counts)
+    fetcher.close()
+    return counts
+
+
+def _check_one(fetcher: Fetcher, row: Any) -> tuple[str, str | None, str | None]:
+    """('not_modified' | 'same' | 'changed' | 'error', etag, last_modified)."""
+    try:
+        fetched = fetcher.fetch(row.image_uri, etag=row.image_etag, last_modified=row.image_last_modified)
+    except IntakeError:
+        return "error", None, None
+    if fetched.not_modified:
+        return "not_modified", fetched.etag or row.image_etag, fetched.last_modified or row.image_last_modified
+    return ("same" if fetched.sha256 == row.image_sha256 else "changed"), fetched.etag, fetched.last_modified
+
+
+def _record_checks(
+    conn: Connection, rows: Sequence[Any], outcomes: list[tuple[str, str | None, str | None]], counts: dict[str, int]
+) -> None:
+    changed = [row.sku for row, (verdict, _, _) in zip(rows, outcomes, strict=True) if verdict == "changed"]
+    tally = {"not_modified": "not_modified", "changed": "changed", "error": "errors"}
+    for row, (verdict, etag, modified) in zip(rows, outcomes, strict=True):
+        counts["checked"] += 1
+        if verdict in tally:
+            counts[tally[verdict]] += 1
+        if etag or modified:
+            conn.execute(
+                sa.text("UPDATE items SET image_etag = :e, image_last_modified = :m WHERE sku = :s"),
+                {"e": etag, "m": modified, "s": row.sku},
+            )
+    if changed:
+        if conn.dialect.name == "postgresql":
+            copy_rows(conn, "content_changed", ("sku",), [(sku,) for sku in changed])
+        else:
+            conn.exec_driver_sql("INSERT OR IGNORE INTO content_changed (sku) VALUES (?)", [(sku,) for sku in changed])
+
+
+# --- enqueue with backpressure ---------------------------------------------------------------
+def outstanding(conn: Connection, run_id: int) -> int:
+    statement = sa.select(sa.func.count()).where(
+        jobs.c.run_id == run_id, jobs.c.state.in_(("queued", "running")), jobs.c.published_at.is_not(None)
+    )
+    return int(conn.execute(statement).scalar_one())
+
+
+def _unpublished(conn: Connection, run_id: int, limit: int) -> list[JobSpec]:
+    statement = (
+        sa.select(jobs.c.id, jobs.c.sku, jobs.c.image_uri, jobs.c.attempts)
+        .where(jobs.c.run_id == run_id, jobs.c.state == "queued", jobs.c.published_at.is_(None))
+        .order_by(jobs.c.id)
+        .limit(limit)
+    )
+    return [
+        JobSpec(job_id=r.id, run_id=run_id, sku=r.sku, image_uri=r.image_uri, attempt=r.attempts)
+        for r in conn.execute(statement)
+    ]
+
+
+@dataclass
+class EnqueueProgress:
+    published: int = 0
+    peak_outstanding: int = 0
+    waits: int = 0
+
+
+def enqueue(
+    database: Engine,
+    publisher: JobPublisher,
+    run_id: int,
+    max_outstanding: int,
+    wait: bool = True,
+    page: int = 5000,
+    poll_s: float = 1.0,
+    on_progress: Callable[[EnqueueProgress, int], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> EnqueueProgress:
+    """Publish the run's jobs without ever having more than max_outstanding of them in the broker.
+    With wait, returns when every job of the run has finished; without, when nothing more fits."""
+    progress = EnqueueProgress()
+    epoch = publisher.epoch()
+    while True:
+        with translated_errors("enqueueing backfill jobs"), database.begin() as conn:
+            in_flight = outstanding(conn, run_id)
+            progress.peak_outstanding = max(progress.peak_outstanding, in_flight)
+            room = max_outstanding - in_flight
+            batch = _unpublished(conn, run_id, min(room, page)) if room > 0 else []
+            if batch:
+                publisher.publish(batch, QUEUE)
+                ledger.mark_published(conn, [job.job_id for job in batch], epoch)
+                progress.published += len(batch)
+                progress.peak_outstanding = max(progress.peak_outstanding, in_flight + len(batch))
+        if on_progress:
+            on_progress(progress, in_flight)
+        if batch:
+            continue
+        if not wait or (in_flight == 0 and not _has_unpublished(database, run_id)):
+            return progress
+        progress.waits += 1
+        sleep(poll_s)
+
+
+def _has_unpublished(database: Engine, run_id: int) -> bool:
+    with database.connect() as conn:
+        return bool(_unpublished(conn, run_id, 1))
+
+
+# --- summary ---------------------------------------------------------------------------------
+_GPU_MS = ("preprocess_ms", "vision_ms", "prefill_ms", "decode_ms")
+
+
+def summarize(
+    database: Engine, run_id: int, planning_s: float = 0.0, published: int = 0, resumed: bool = False
+) -> BackfillSummary:
+    with translated_errors("summarizing the backfill"), database.connect() as conn:
+        run = conn.execute(sa.select(runs).where(runs.c.id == run_id)).one()
+        by_state = ledger.run_counts(conn, run_id)
+        planned: dict[str, int] = dict(
+            conn.execute(
+                sa.select(jobs.c.reason, sa.func.count()).where(jobs.c.run_id == run_id).group_by(jobs.c.reason)
+            ).all()
+        )
+        failed: dict[str, int] = dict(
+            conn.execute(
+                sa.select(jobs.c.last_error_code, sa.func.count())
+                .where(jobs.c.run_id == run_id, jobs.c.state == "failed")
+                .group_by(jobs.c.last_error_code)
+            ).all()
+        )
+        gpu_ms, tagged = _gpu_milliseconds(conn, run_id)
+        hits = ledger.cache_hits(conn, run_id)
+    ended = run.finished_at or ledger.utcnow()
+    started = run.created_at if run.created_at.tzinfo else run.created_at.replace(tzinfo=ended.tzinfo)
+    ended = ended if ended.tzinfo else ended.replace(tzinfo=started.tzinfo)
+    duration = max((ended - started).total_seconds(), 1e-9)
+    finished = sum(count for state, count in by_state.items() if state not in {"queued", "running"})
+    return BackfillSummary(
+        run_id=run_id,
+        state=run.state,
+        jobs_by_state=by_state,
+        planned_by_reason={str(k): int(v) for k, v in planned.items()},
+        failed_by_reason={str(k): int(v) for k, v in failed.items()},
+        cache_hits=hits,
+        started_at=started.isoformat(),
+        finished_at=run.finished_at.isoformat() if run.finished_at else None,
+        duration_s=round(duration, 3),
+        images_per_s=round(finished / duration, 3) if finished else None,
+        gpu_seconds_per_1000_skus=round(gpu_ms / tagged, 3) if tagged else None,  # ms per sku == s per 1000 skus
+        planning_s=round(planning_s, 3),
+        published=published,
+        resumed=resumed,
+    )
+
+
+def _gpu_milliseconds(conn: Connection, run_id: int) -> tuple[float, int]:
+    if conn.dialect.name == "postgresql":
+        parts = " + ".join(f"COALESCE((r.timings->>'{name}')::float8, 0)" for name in _GPU_MS)
+    else:
+        parts = " + ".join(f"COALESCE(json_extract(r.timings, '$.{name}'), 0)" for name in _GPU_MS)
+    statement = sa.text(
+        f"SELECT COALESCE(sum({parts}), 0), count(*) FROM results r "
+        "WHERE r.run_id = :run AND r.status <> 'failed' AND NOT r.cache_hit"
+    )
+    total, count = conn.execute(statement, {"run": run_id}).one()
+    return float(total), int(count)
+
+
+def estimate_seconds(database: Engine, jobs_to_run: int, recent_runs: int = 5) -> float | None:
+    """From the throughput of recent finished runs: their finished jobs over their wall time."""
+    statement = (
+        sa.select(runs.c.created_at, runs.c.finished_at, runs.c.total_jobs)
+        .where(runs.c.finished_at.is_not(None), runs.c.total_jobs > 0)
+        .order_by(runs.c.id.desc())
+        .limit(recent_runs)
+    )
+    with database.connect() as conn:
+        rows = conn.execute(statement).all()
+    seconds = sum(max((r.finished_at - r.created_at).total_seconds(), 1e-3) for r in rows)
+    done = sum(r.total_jobs for r in rows)
+    return round(jobs_to_run / (done / seconds), 1) if rows and done else None
+
+
+# --- the whole job ---------------------------------------------------------------------------
+@dataclass
+class BackfillOptions:
+    dry_run: bool = False
+    check_content: bool = False
+    max_age: timedelta | None = None
+    max_outstanding: int = 2000
+    wait: bool = True
+    poll_s: float = 1.0
+
+
+@dataclass
+class DryRun:
+    by_reason: dict[str, int]
+    estimated_s: float | None
+    planning_s: float
+    content_check: dict[str, int] | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+
+CatalogRefresh = Callable[[Connection], int]
+
+
+def run_backfill(
+    settings: Settings,
+    taxonomy: Taxonomy,
+    database: Engine,
+    publisher: JobPublisher | None,
+    options: BackfillOptions,
+    refresh: CatalogRefresh | None = None,
+    on_progress: Callable[[EnqueueProgress, int], None] | None = None,
+) -> BackfillSummary | DryRun:
+    """Lock, refresh, plan, enqueue, summarize. Raises LockedError when another backfill runs."""
+    with backfill_lock(database) as conn:
+        conn.exec_driver_sql(_CONTENT_TABLE)
+        conn.exec_driver_sql("DELETE FROM content_changed")  # a pooled connection keeps its temp tables
+        conn.commit()
+        if refresh is not None:
+            refresh(conn)
+        content = check_content(conn, settings) if options.check_content else None
+        conn.commit()
+        params = _plan_params(settings, taxonomy, options.max_age, ledger.utcnow())
+        started = time.perf_counter()
+        if options.dry_run:
+            counts = count_plan(conn, params)
+            conn.rollback()
+            return DryRun(
+                counts, estimate_seconds(database, sum(counts.values())), time.perf_counter() - started, content
+            )
+        run_id = open_backfill_run(conn)
+        resumed = run_id is not None
+        if run_id is None:
+            run_id = ledger.create_run(conn, "backfill", config_snapshot(settings, taxonomy))
+        insert_plan(conn, run_id, params, ledger.utcnow())
+        _finish_if_empty(conn, run_id)
+        conn.commit()
+        planning_s = time.perf_counter() - started
+    published, started = 0, time.perf_counter()
+    if publisher is not None:
+        progress = enqueue(database, publisher, run_id, options.max_outstanding, options.wait, poll_s=options.poll_s,
+                           on_progress=on_progress)  # fmt: skip
+        published = progress.published
+    summary = summarize(database, run_id, planning_s, published, resumed)
+    summary.enqueue_s = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _finish_if_empty(conn: Connection, run_id: int) -> None:
+    conn.execute(
+        sa.update(runs)
+        .where(runs.c.id == run_id, runs.c.total_jobs == 0)
+        .values(state="done", finished_at=ledger.utcnow())
+    )
+
+
+def refresh_from_rows(rows: Iterator[tuple[int, Any]], bad_rows: list[Any], chunk: int = 20_000) -> CatalogRefresh:
+    """A catalog refresh from parsed file rows (pipeline.catalog.read_catalog), streamed in chunks."""
+    from pipeline.catalog import RowError, chunks
+
+    def refresh(conn: Connection) -> int:
+        count = 0
+        for part in chunks(rows, chunk):
+            good = [row for _, row in part if not isinstance(row, RowError)]
+            bad_rows.extend(row for _, row in part if isinstance(row, RowError))
+            ledger.upsert_items(conn, good)
+            conn.commit()
+            count += len(good)
+        return count
+
+    return refresh
+
+
+def refresh_from_query(source: Engine, query: str, chunk: int = 20_000) -> CatalogRefresh:
+    """A catalog refresh from the user's own table: a read-only query returning sku, image_uri and
+    optionally title, category_hint; streamed with a server-side cursor."""
+
+    def refresh(conn: Connection) -> int:
+        count = 0
+        with translated_errors("reading the catalog source"), source.connect() as read:
+            if read.dialect.name == "postgresql":
+                read.exec_driver_sql("SET TRANSACTION READ ONLY")
+            result = read.execution_options(stream_results=True, yield_per=chunk).execute(sa.text(query))
+            for part in result.mappings().partitions(chunk):
+                rows = [
+                    ledger.CatalogRow(sku=str(r["sku"]), image_uri=str(r["image_uri"]), title=r.get("title"),
+                                      category_hint=r.get("category_hint"))
+                    for r in part if r.get("sku") and r.get("image_uri")
+                ]  # fmt: skip
+                ledger.upsert_items(conn, rows)
+                conn.commit()
+                count += len(rows)
+        return count
+
+    return refresh
