@@ -467,7 +467,7 @@ def run_backfill(
         if run_id is None:
             run_id = ledger.create_run(conn, "backfill", config_snapshot(settings, taxonomy))
         insert_plan(conn, run_id, params, ledger.utcnow())
-        _finish_if_empty(conn, run_id)
+        ledger.seal_run(conn, run_id)
         conn.commit()
         planning_s = time.perf_counter() - started
     published, started = 0, time.perf_counter()
@@ -478,14 +478,6 @@ def run_backfill(
     summary = summarize(database, run_id, planning_s, published, resumed)
     summary.enqueue_s = round(time.perf_counter() - started, 3)
     return summary
-
-
-def _finish_if_empty(conn: Connection, run_id: int) -> None:
-    conn.execute(
-        sa.update(runs)
-        .where(runs.c.id == run_id, runs.c.total_jobs == 0)
-        .values(state="done", finished_at=ledger.utcnow())
-    )
 
 
 def refresh_from_rows(rows: Iterator[tuple[int, Any]], bad_rows: list[Any], chunk: int = 20_000) -> CatalogRefresh:

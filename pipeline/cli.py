@@ -210,6 +210,21 @@ def tag_image(ctx: click.Context, /, image_uri: str, **overrides: Any) -> None:
 
 
 # --- benchmarks ------------------------------------------------------------------------------
+def bench_services(command: Any) -> Any:
+    """--database-url (a Postgres server for scratch databases) and --broker-url (flushed)."""
+    broker = click.option(
+        "--broker-url", default="redis://127.0.0.1:6379/13", show_default=True, help="A Redis database it flushes."
+    )
+    server = click.option(
+        "--database-url",
+        "server_url",
+        default="postgresql+psycopg2://postgres@127.0.0.1:5432/test",
+        show_default=True,
+        help="A Postgres server; the benchmark uses scratch databases on it.",
+    )
+    return server(broker(command))
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks against their baselines, in one run (medians and ratios; see docs/benchmarks.md)."""
@@ -254,14 +269,7 @@ def bench_gpu(tiny: bool, work_dir: Path, quantizations: str, batch_sizes: str, 
 
 
 @bench.command("pipeline")
-@click.option(
-    "--database-url",
-    "server_url",
-    default="postgresql+psycopg2://postgres@127.0.0.1:5432/test",
-    show_default=True,
-    help="A Postgres server; the benchmark uses scratch databases on it.",
-)
-@click.option("--broker-url", default="redis://127.0.0.1:6379/13", show_default=True, help="Flushed before each run.")
+@bench_services
 @click.option("--images", default=512, show_default=True)
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
@@ -274,14 +282,7 @@ def bench_pipeline(server_url: str, broker_url: str, images: int, repeats: int, 
 
 
 @bench.command("submit")
-@click.option(
-    "--database-url",
-    "server_url",
-    default="postgresql+psycopg2://postgres@127.0.0.1:5432/test",
-    show_default=True,
-    help="A Postgres server; the benchmark uses a scratch database on it.",
-)
-@click.option("--broker-url", default="redis://127.0.0.1:6379/13", show_default=True, help="Flushed before each run.")
+@bench_services
 @click.option("--rows", default=100_000, show_default=True)
 @click.option("--repeats", default=3, show_default=True)
 def bench_submit(server_url: str, broker_url: str, rows: int, repeats: int) -> None:
@@ -292,14 +293,7 @@ def bench_submit(server_url: str, broker_url: str, rows: int, repeats: int) -> N
 
 
 @bench.command("backfill")
-@click.option(
-    "--database-url",
-    "server_url",
-    default="postgresql+psycopg2://postgres@127.0.0.1:5432/test",
-    show_default=True,
-    help="A Postgres server; the benchmark uses scratch databases on it.",
-)
-@click.option("--broker-url", default="redis://127.0.0.1:6379/13", show_default=True, help="Flushed before each run.")
+@bench_services
 @click.option("--sizes", default="100000,300000,1000000", show_default=True)
 def bench_backfill(server_url: str, broker_url: str, sizes: str) -> None:
     """Backfill planning time, enqueue rate and peak RSS on synthetic catalogs up to 1M items."""

@@ -78,6 +78,9 @@ runs = sa.Table(
     sa.Column("config", Json, nullable=False),
     sa.Column("total_jobs", sa.Integer, nullable=False, server_default="0"),
     sa.Column("broker_epoch", sa.Text),
+    # Set once every job of the run exists; until then the run cannot end (its first jobs may
+    # finish while a large submit still adds the rest).
+    sa.Column("planned_at", Timestamp),
     sa.Column("summary", Json),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("finished_at", Timestamp),
@@ -209,6 +212,21 @@ taxonomy_values = sa.Table(
     sa.Column("label_zh", sa.Text, nullable=False),
     sa.Column("synonyms", Json, nullable=False),
 )
+
+
+# A run ends when its last open job does: done, partial (some failed) or failed (all failed).
+# {runs} selects the run ids to look at.
+FINISH_RUNS = """
+UPDATE runs SET
+    state = CASE
+        WHEN NOT EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = runs.id AND j.state = 'failed') THEN 'done'
+        WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = runs.id AND j.state <> 'failed') THEN 'partial'
+        ELSE 'failed' END,
+    finished_at = :now
+WHERE runs.state = 'running' AND runs.planned_at IS NOT NULL
+  AND runs.id IN ({runs})
+  AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = runs.id AND j.state IN ('queued', 'running'))
+"""
 
 
 # --- engines ---------------------------------------------------------------------------------

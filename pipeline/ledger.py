@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from pipeline.db import copy_rows, insert_for, items, jobs, results, runs
+from pipeline.db import FINISH_RUNS, copy_rows, insert_for, items, jobs, results, runs
 from schemas.results import AttributeTag, ErrorCode, ItemError, JobSpec, Provenance, TagResult
 
 
@@ -221,6 +221,17 @@ def release_jobs(conn: Connection, errors: Iterable[tuple[int, ItemError]], now:
         )
     )
     conn.execute(statement, params)
+
+
+def seal_run(conn: Connection, run_id: int, now: datetime | None = None) -> None:
+    """Every job of the run exists now: from here the run ends with its last job (or at once,
+    when it has none or they all finished already)."""
+    now = now or utcnow()
+    conn.execute(sa.update(runs).where(runs.c.id == run_id).values(planned_at=now))
+    finish = sa.text(FINISH_RUNS.format(runs=":run_id")).bindparams(
+        sa.bindparam("now", type_=sa.DateTime(timezone=True))
+    )
+    conn.execute(finish, {"now": now, "run_id": run_id})
 
 
 def mark_published(

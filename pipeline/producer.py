@@ -84,6 +84,8 @@ def submit_catalog(
             _publish(database, publisher, specs, queue, report)
         if on_chunk:
             on_chunk(len(chunk))
+    with translated_errors("sealing the run"), database.begin() as conn:
+        ledger.seal_run(conn, report.run_id)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -122,6 +122,16 @@ def build_tokenizer(vocab_size: int = 4096) -> Any:
     )
 
 
+def special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The config's vision token ids, as this tokenizer numbers them."""
+    return {
+        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    }
+
+
 def config(text: dict[str, Any], vision: dict[str, Any], tokens: dict[str, int]) -> Any:
     from transformers import Qwen3VLConfig
 
@@ -135,12 +145,7 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    tokens = {
-        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    }
+    tokens = special_token_ids(tokenizer)
     text = {**TINY_TEXT, "vocab_size": _round_up(len(tokenizer), 64)}
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config(text, TINY_VISION, tokens))

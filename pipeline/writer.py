@@ -23,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from pipeline.db import insert_for, taxonomy_values, translated_errors
+from pipeline.db import FINISH_RUNS, insert_for, taxonomy_values, translated_errors
 from pipeline.errors import InputError, RetryableError
 from schemas.results import TagResult
 from schemas.taxonomy import CATEGORY, Taxonomy
@@ -187,18 +187,9 @@ FROM stage_results s
 WHERE jobs.id = s.job_id AND s.job_id IN (SELECT job_id FROM stage_new)
 """).bindparams(_NOW)
 
-# A run ends when its last open job does: done, partial (some failed) or failed (all failed).
-_FINISH_RUNS = sa.text("""
-UPDATE runs SET
-    state = CASE
-        WHEN NOT EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = runs.id AND j.state = 'failed') THEN 'done'
-        WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = runs.id AND j.state <> 'failed') THEN 'partial'
-        ELSE 'failed' END,
-    finished_at = :now
-WHERE runs.state = 'running'
-  AND runs.id IN (SELECT DISTINCT s.run_id FROM stage_results s JOIN stage_new n ON n.job_id = s.job_id)
-  AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = runs.id AND j.state IN ('queued', 'running'))
-""").bindparams(_NOW)
+_FINISH_RUNS = sa.text(
+    FINISH_RUNS.format(runs="SELECT DISTINCT s.run_id FROM stage_results s JOIN stage_new n ON n.job_id = s.job_id")
+).bindparams(_NOW)
 
 
 def _mark_sku_winners(results: Sequence[TagResult]) -> list[bool]:

@@ -37,6 +37,23 @@ def _unavailable(what: str, exc: Exception) -> None:
     pytest.skip(message)
 
 
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The test Redis database, flushed before and after."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        client.close()
+        _unavailable("Redis", exc)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+    client.close()
+
+
 @pytest.fixture(scope="session")
 def postgres_admin() -> Iterator[Engine]:
     engine = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
@@ -120,7 +137,9 @@ def make_jobs(engine: Engine, count: int, prefix: str = "SKU", kind: str = "subm
     with engine.begin() as conn:
         ledger.upsert_items(conn, rows)
         run_id = ledger.create_run(conn, kind, {"test": True})
-        return ledger.add_jobs(conn, run_id, [(row.sku, row.image_uri) for row in rows])
+        created = ledger.add_jobs(conn, run_id, [(row.sku, row.image_uri) for row in rows])
+        ledger.seal_run(conn, run_id)
+        return created
 
 
 def provenance(taxonomy: Taxonomy, run_id: int | None = None, **changes: object) -> Provenance:

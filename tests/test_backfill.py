@@ -9,7 +9,6 @@ import io
 import json
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from pipeline.errors import LockedError, RetryableError
 from pipeline.producer import config_snapshot
 from pipeline.settings import Settings, load_settings
 from schemas.taxonomy import Taxonomy
-from tests.conftest import REDIS_URL, _unavailable
+from tests.conftest import REDIS_URL
 
 
 def tag_set(conn: sa.Connection, sku: str, uri: str, versions: dict[str, Any], **changes: Any) -> None:
@@ -129,16 +128,8 @@ def test_each_reason_retags_and_nothing_else_does(engine: Engine, taxonomy: Taxo
 
 
 @pytest.fixture
-def broker() -> Iterator[str]:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:
-        _unavailable("Redis", exc)
-    client.flushdb()
-    yield REDIS_URL
-    client.flushdb()
-    client.close()
+def broker(redis_url: str) -> str:
+    return redis_url
 
 
 def seed_items(engine: Engine, count: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 
 import pytest
@@ -20,7 +20,7 @@ from pipeline.reconcile import reconcile
 from pipeline.settings import load_settings
 from schemas.results import ErrorCode, ItemError, JobSpec
 from schemas.taxonomy import Taxonomy
-from tests.conftest import REDIS_URL, make_jobs
+from tests.conftest import make_jobs
 
 
 # --- catalog files ---------------------------------------------------------------------------
@@ -149,19 +149,6 @@ def test_reconcile_republishes_after_the_broker_lost_its_queue(engine: Engine) -
 
 
 # --- the producer into real Redis ------------------------------------------------------------
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:
-        from tests.conftest import _unavailable
-
-        _unavailable("Redis", exc)
-    client.flushdb()
-    yield REDIS_URL
-    client.flushdb()
-    client.close()
 
 
 @pytest.mark.redis

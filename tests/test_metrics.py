@@ -10,7 +10,6 @@ from pipeline.inference import BatchStats
 from pipeline.metrics import BackfillMetrics, WorkerMetrics
 from pipeline.settings import load_settings
 from pipeline.worker import HandleReport
-from tests.conftest import REDIS_URL, _unavailable
 
 
 def scrape(registry: object) -> str:
@@ -32,21 +31,15 @@ def test_worker_metrics_count_outcomes_and_passes() -> None:
 
 
 @pytest.mark.redis
-def test_queue_depth_is_read_from_redis_at_scrape_time() -> None:
+def test_queue_depth_is_read_from_redis_at_scrape_time(redis_url: str) -> None:
     from workers.app import queue_depths
 
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:
-        _unavailable("Redis", exc)
-    client.flushdb()
+    client = redis.Redis.from_url(redis_url)
     client.lpush("skutag.backfill", "a", "b", "c")
     metrics = WorkerMetrics()
-    settings = load_settings(broker_url=REDIS_URL)
+    settings = load_settings(broker_url=redis_url)
     metrics.watch_queues(lambda: queue_depths(settings))
     text = scrape(metrics.registry)
-    client.flushdb()
     assert 'skutag_queue_depth{queue="skutag.backfill"} 3.0' in text
     assert 'skutag_queue_depth{queue="skutag.new"} 0.0' in text
 

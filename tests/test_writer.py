@@ -320,3 +320,27 @@ def make_fake_job() -> Any:
     from schemas.results import JobSpec
 
     return JobSpec(job_id=424242, run_id=1, sku="GHOST", image_uri="file:///ghost.jpg")
+
+
+def test_a_run_does_not_end_before_all_its_jobs_exist(engine: Engine, taxonomy: Taxonomy) -> None:
+    from pipeline import ledger
+
+    rows = [ledger.CatalogRow(sku=f"SEAL-{i}", image_uri=f"file:///{i}.jpg") for i in range(2)]
+    with engine.begin() as conn:
+        ledger.upsert_items(conn, rows)
+        run_id = ledger.create_run(conn, "submit", {})
+        (first,) = ledger.add_jobs(conn, run_id, [(rows[0].sku, rows[0].image_uri)])
+    writer = ResultWriter(engine, taxonomy)
+    writer.write([make_result(first, taxonomy)])  # finished while the submit still adds jobs
+
+    def state() -> str:
+        with engine.connect() as conn:
+            return str(conn.execute(sa.text("SELECT state FROM runs WHERE id = :r"), {"r": run_id}).scalar_one())
+
+    assert state() == "running"
+    with engine.begin() as conn:
+        (second,) = ledger.add_jobs(conn, run_id, [(rows[1].sku, rows[1].image_uri)])
+        ledger.seal_run(conn, run_id)
+    assert state() == "running"
+    writer.write([make_result(second, taxonomy)])
+    assert state() == "done"

@@ -50,6 +50,7 @@ def _create_ledger() -> None:
         sa.Column("config", Json, nullable=False),
         sa.Column("total_jobs", sa.Integer, server_default="0", nullable=False),
         sa.Column("broker_epoch", sa.Text),
+        sa.Column("planned_at", Ts),
         sa.Column("summary", Json),
         sa.Column("created_at", Ts, nullable=False),
         sa.Column("finished_at", Ts),

@@ -35,16 +35,18 @@ def build_random_8b(directory: Path, device: str) -> Path:
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    from pipeline.tiny import IMAGE_PROCESSOR, QWEN3_VL_8B_TEXT, QWEN3_VL_8B_VISION, build_tokenizer, config
+    from pipeline.tiny import (
+        IMAGE_PROCESSOR,
+        QWEN3_VL_8B_TEXT,
+        QWEN3_VL_8B_VISION,
+        build_tokenizer,
+        config,
+        special_token_ids,
+    )
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    tokens = {
-        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    }
+    tokens = special_token_ids(tokenizer)
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the GPU: 8B random numbers on a CPU take minutes
         model = Qwen3VLForConditionalGeneration._from_config(

@@ -42,7 +42,9 @@ def _fresh_jobs(engine: Engine, count: int, label: str) -> list[JobSpec]:
     with engine.begin() as conn:
         ledger.upsert_items(conn, rows)
         run_id = ledger.create_run(conn, "bench", {"label": label})
-        return ledger.add_jobs(conn, run_id, [(r.sku, r.image_uri) for r in rows])
+        created = ledger.add_jobs(conn, run_id, [(r.sku, r.image_uri) for r in rows])
+        ledger.seal_run(conn, run_id)
+        return created
 
 
 def synthetic_results(jobs: list[JobSpec], taxonomy: Taxonomy, seed: int) -> list[TagResult]:
