@@ -817,6 +817,7 @@ def _show_demo_results(database_url: str) -> None:
                (SELECT confidence FROM tags t WHERE t.sku = j.sku AND t.attribute = 'category') AS confidence
         FROM jobs j WHERE j.run_id = (SELECT max(id) FROM runs) ORDER BY j.state, j.sku""")
     engine = make_engine(database_url)
+    console = Console() if sys.stdout.isatty() else Console(width=120)
     with engine.connect() as conn:
         for row in conn.execute(query):
             confidence = f"{row.confidence:.2f}" if row.confidence is not None else ""
@@ -830,4 +831,4 @@ def _show_demo_results(database_url: str) -> None:
                 row.last_error_code or "",
             )
     engine.dispose()
-    Console().print(table)
+    console.print(table)

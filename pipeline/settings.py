@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=100)
     lease_s: int = Field(900, ge=1, description="A running job with no result after this is re-queued.")
     worker_concurrency: int = Field(3, ge=1, le=64, description="Messages a GPU worker works on at once.")
-    writer_batch_messages: int = Field(16, ge=1, le=1000, description="Queue messages merged per write.")
+    writer_batch_messages: int = Field(32, ge=1, le=1000, description="Queue messages merged per write.")
     reconcile_interval_s: float = Field(60.0, gt=0, description="How often the writer runs the reconciler.")
     republish_after_s: int = Field(
         7200, ge=1, description="A queued job published longer ago than this is published again."

@@ -6,6 +6,7 @@ import io
 import json
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import redis
@@ -196,3 +197,31 @@ def test_submit_with_the_broker_down_keeps_the_jobs_for_reconcile(pg_engine: Eng
     )
     with pg_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM jobs WHERE published_at IS NULL")).scalar_one() == 2
+
+
+@pytest.mark.redis
+def test_cli_submit_and_reconcile(migrated_postgres_url: str, pg_engine: Engine, redis_url: str, tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    env = {"SKUTAG_DATABASE_URL": migrated_postgres_url, "SKUTAG_BROKER_URL": redis_url}
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text('{"sku": "C-1", "image_uri": "a.jpg"}\n{"sku": "C-2", "image_uri": "b.jpg"}\n{"sku": ""}\n')
+    runner = CliRunner()
+    submitted = runner.invoke(main, ["submit", str(catalog)], env=env)
+    assert submitted.exit_code == 0, submitted.output
+    assert "bad row line 3: sku is empty" in submitted.output
+    assert "run 1: 2 jobs recorded, 2 published" in submitted.output
+    assert redis.Redis.from_url(redis_url).llen("skutag.new") == 1
+
+    with pg_engine.begin() as conn:  # as if Redis had lost the message
+        conn.execute(sa.text("UPDATE jobs SET published_at = NULL"))
+    reconciled = runner.invoke(main, ["reconcile"], env=env)
+    assert reconciled.exit_code == 0, reconciled.output
+    assert reconciled.output.strip() == "0 expired leases re-queued, 0 lost messages found, 2 jobs published"
+    status = runner.invoke(main, ["status", "1", "--once"], env=env)
+    assert status.exit_code == 0 and json.loads(status.output) == {"run": 1, "state": "running", "jobs": {"queued": 2}}
+
+    empty = runner.invoke(main, ["submit", str(tmp_path / "missing.csv")], env=env)
+    assert empty.exit_code == 2 and "No such file or directory" in empty.output
