@@ -292,6 +292,8 @@ class EnqueueProgress:
     published: int = 0
     peak_outstanding: int = 0
     waits: int = 0
+    by_state: dict[str, int] | None = None  # the run's jobs by state, refreshed every few seconds
+    counted_at: float = 0.0
 
 
 def enqueue(
@@ -321,6 +323,10 @@ def enqueue(
                 progress.published += len(batch)
                 progress.peak_outstanding = max(progress.peak_outstanding, in_flight + len(batch))
         if on_progress:
+            if time.monotonic() - progress.counted_at >= 5:
+                with database.connect() as conn:
+                    progress.by_state = ledger.run_counts(conn, run_id)
+                progress.counted_at = time.monotonic()
             on_progress(progress, in_flight)
         if batch:
             continue

@@ -741,7 +741,7 @@ def _backfill_progress(metrics: Any) -> Any:
     last = {"at": 0.0, "published": 0}
 
     def report(progress: Any, outstanding: int) -> None:
-        metrics.update({}, outstanding, progress.published - last["published"])
+        metrics.update(progress.by_state or {}, outstanding, progress.published - last["published"])
         last["published"] = progress.published
         now = time.monotonic()
         if now - last["at"] >= 5:
