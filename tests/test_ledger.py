@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from collections.abc import Sequence
@@ -167,7 +168,7 @@ def test_submit_records_then_publishes_in_chunks(pg_engine: Engine, taxonomy: Ta
     client = redis.Redis.from_url(redis_url)
     messages = [json.loads(raw) for raw in client.lrange(QUEUE_NEW, 0, -1)]
     assert len(messages) == 4  # 32 + 32 + 32 + 4
-    bodies = [json.loads(__import__("base64").b64decode(m["body"]))[0][0] for m in messages]
+    bodies = [json.loads(base64.b64decode(m["body"]))[0][0] for m in messages]
     assert sorted(job["sku"] for body in bodies for job in body) == sorted(f"P-{i}" for i in range(100))
     with pg_engine.connect() as conn:
         unpublished = conn.execute(sa.text("SELECT count(*) FROM jobs WHERE published_at IS NULL")).scalar_one()
