@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -51,9 +51,10 @@ class ItemTags:
     attributes: dict[str, AttributeTag]
     summary: str | None
     review_attributes: list[str]
+    timings_ms: dict[str, float] = field(default_factory=dict)  # this image's share of its batch's time
 
     @property
-    def status(self) -> str:
+    def status(self) -> Literal["tagged", "needs_review"]:
         return "needs_review" if self.review_attributes else "tagged"
 
 
@@ -470,7 +471,8 @@ class TaggingEngine:
         stats.decided_tokens = sum(row.decided for row in rows)
         stats.forced_tokens = sum(row.forced for row in rows)
         stats.generated_tokens = stats.decided_tokens + stats.forced_tokens
-        return [self._item_tags(row) for row in rows], stats
+        share = {name: round(value / len(images), 3) for name, value in stats.timings().items()}
+        return [self._item_tags(row, share) for row in rows], stats
 
     # -- prefill --
     def _ensure_prefix(self) -> None:
@@ -604,14 +606,14 @@ class TaggingEngine:
             for k, token in zip(summarizing, tokens, strict=True):
                 rows[needing[k]].take_summary_token(int(token), int(token) in self.closers)
 
-    def _item_tags(self, row: _Row) -> ItemTags:
+    def _item_tags(self, row: _Row, share: dict[str, float]) -> ItemTags:
         summary = None
         if row.summary_tokens:
             raw = b"".join(self.token_bytes[t] or b"" for t in row.summary_tokens)
             text = raw.decode("utf-8", errors="ignore").strip()
             summary = text[: self.taxonomy.summary_max_chars].rstrip() or None
         review = [name for name, tag in row.tags.items() if tag.confidence < self.settings.threshold_for(name)]
-        return ItemTags(attributes=dict(row.tags), summary=summary, review_attributes=review)
+        return ItemTags(attributes=dict(row.tags), summary=summary, review_attributes=review, timings_ms=share)
 
 
 def _attention_mask(valid: Any, chunk_valid: Any) -> tuple[Any, Any]:

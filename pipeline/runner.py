@@ -51,19 +51,17 @@ def cached_result(job: JobSpec, image: PreparedImage, stored: TagResult, provena
     )
 
 
-def tagged_result(
-    job: JobSpec, image: PreparedImage, tags: ItemTags, provenance: Provenance, share: dict[str, float]
-) -> TagResult:
+def tagged_result(job: JobSpec, image: PreparedImage, tags: ItemTags, provenance: Provenance) -> TagResult:
     return TagResult(
         job_id=job.job_id,
         sku=job.sku,
         image_uri=job.image_uri,
         image_sha256=image.sha256,
-        status="needs_review" if tags.review_attributes else "tagged",
+        status=tags.status,
         attributes=tags.attributes,
         summary=tags.summary,
         review_attributes=tags.review_attributes,
-        provenance=provenance.model_copy(update={"timings_ms": {**_intake_timings(image), **share}}),
+        provenance=provenance.model_copy(update={"timings_ms": {**_intake_timings(image), **tags.timings_ms}}),
     )
 
 
@@ -106,17 +104,8 @@ def _infer(engine: Tagger, work: list[tuple[JobSpec, PreparedImage]], batch: Bat
             _fail_or_retry(batch, job, error, engine.provenance(job.run_id), max_attempts, image.sha256)
         return
     batch.stats += stats
-    share = _per_image_share(stats, len(work))
     for (job, image), item in zip(work, tags, strict=True):
-        batch.results.append(tagged_result(job, image, item, engine.provenance(job.run_id), share))
-
-
-def _per_image_share(stats: list[BatchStats], images: int) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    for part in stats:
-        for name, value in part.timings().items():
-            totals[name] = totals.get(name, 0.0) + value
-    return {name: round(value / images, 3) for name, value in totals.items()}
+        batch.results.append(tagged_result(job, image, item, engine.provenance(job.run_id)))
 
 
 def _fail_or_retry(

@@ -113,10 +113,12 @@ class DynamicBatcher:
             for request in requests:
                 request.future.set_exception(exc)
             return
+        # The batch's stats go with its first request only, so a merged batch is counted once
+        # (metrics, reports); each image's share of the time already rides in its ItemTags.
         start = 0
-        for request in requests:
+        for index, request in enumerate(requests):
             end = start + len(request.images)
-            request.future.set_result((tags[start:end], stats))
+            request.future.set_result((tags[start:end], stats if index == 0 else []))
             start = end
 
 

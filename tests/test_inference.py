@@ -30,7 +30,7 @@ def as_result(engine: TaggingEngine, tags: ItemTags, index: int = 0) -> Any:
 
     job = JobSpec(job_id=index + 1, run_id=1, sku=f"S{index}", image_uri="mem://x")
     image = PreparedImage("mem://x", "0" * 64, np.zeros((1, 1, 3), np.uint8), "PNG", (1, 1))
-    return tagged_result(job, image, tags, engine.provenance(1), {})
+    return tagged_result(job, image, tags, engine.provenance(1))
 
 
 def test_int8_loads_from_the_directory_as_linear8bitlt_and_tags(tiny_model_dir: Path, taxonomy: Taxonomy) -> None:
@@ -200,3 +200,17 @@ def test_tag_image_prints_the_result(tiny_model_dir: Path, tmp_path: Path) -> No
     missing = runner.invoke(main, ["tag-image", str(tmp_path / "nope.jpg"), "--model", str(tiny_model_dir)])
     assert missing.exit_code == 2
     assert json.loads(missing.output)["error"]["code"] == "not_found"
+
+
+def test_merged_requests_count_their_batch_once(tiny_engine: TaggingEngine) -> None:
+    from pipeline.worker import DynamicBatcher
+
+    batcher = DynamicBatcher(tiny_engine, batch_size=8, wait_s=1.0)
+    try:
+        first, second = batcher.submit(random_images(2, seed=11)), batcher.submit(random_images(3, seed=12))
+        (tags_a, stats_a), (tags_b, stats_b) = first.result(60), second.result(60)
+    finally:
+        batcher.close()
+    assert [stats.images for stats in stats_a] == [5] and stats_b == []  # one batch, counted once
+    assert (len(tags_a), len(tags_b)) == (2, 3)
+    assert all(tags.timings_ms["decode_ms"] > 0 for tags in tags_a + tags_b)
