@@ -180,15 +180,12 @@ def _bind(text: str) -> sa.TextClause:
 
 
 def count_plan(conn: Connection, params: dict[str, Any]) -> dict[str, int]:
-    conn.exec_driver_sql(_CONTENT_TABLE)
     rows = conn.execute(_bind(f"SELECT reason, count(*) FROM ({_plan_query()}) p GROUP BY reason"), params)
     return {reason: int(count) for reason, count in rows}
 
 
-def insert_plan(conn: Connection, run_id: int, params: dict[str, Any], now: datetime) -> dict[str, int]:
-    """Create the run's jobs in one statement; returns the run's jobs by reason (all of them, so a
-    resumed run reports its whole plan)."""
-    conn.exec_driver_sql(_CONTENT_TABLE)
+def insert_plan(conn: Connection, run_id: int, params: dict[str, Any], now: datetime) -> None:
+    """Create the run's jobs in one statement (a resumed run gets only what it is missing)."""
     statement = _bind(f"""
         INSERT INTO jobs (run_id, sku, image_uri, reason, queue, state, attempts, created_at, updated_at)
         SELECT :run_id, sku, image_uri, reason, '{QUEUE}', 'queued', 0, :now, :now FROM ({_plan_query()}) p
@@ -197,10 +194,6 @@ def insert_plan(conn: Connection, run_id: int, params: dict[str, Any], now: date
     conn.execute(statement, {**params, "run_id": run_id, "now": now})
     total = sa.select(sa.func.count()).where(jobs.c.run_id == run_id).scalar_subquery()
     conn.execute(sa.update(runs).where(runs.c.id == run_id).values(total_jobs=total))
-    rows = conn.execute(
-        sa.select(jobs.c.reason, sa.func.count()).where(jobs.c.run_id == run_id).group_by(jobs.c.reason)
-    )
-    return {reason: int(count) for reason, count in rows}
 
 
 def open_backfill_run(conn: Connection) -> int | None:
@@ -216,8 +209,8 @@ def open_backfill_run(conn: Connection) -> int | None:
 # --- content check ---------------------------------------------------------------------------
 def check_content(conn: Connection, settings: Settings, threads: int = 16, page: int = 2000) -> dict[str, int]:
     """Re-fetch tagged images whose URI did not change (conditionally, with the stored ETag /
-    Last-Modified) and record in content_changed those whose bytes no longer match their tags."""
-    conn.exec_driver_sql(_CONTENT_TABLE)
+    Last-Modified) and record in content_changed (run_backfill creates it) those whose bytes no
+    longer match their tags."""
     fetcher = Fetcher(FetchPolicy.from_settings(settings))
     counts = {"checked": 0, "not_modified": 0, "changed": 0, "errors": 0}
     query = sa.text("""
@@ -250,15 +243,15 @@ def _record_checks(
 ) -> None:
     changed = [row.sku for row, (verdict, _, _) in zip(rows, outcomes, strict=True) if verdict == "changed"]
     tally = {"not_modified": "not_modified", "changed": "changed", "error": "errors"}
+    validators = []
     for row, (verdict, etag, modified) in zip(rows, outcomes, strict=True):
         counts["checked"] += 1
         if verdict in tally:
             counts[tally[verdict]] += 1
         if etag or modified:
-            conn.execute(
-                sa.text("UPDATE items SET image_etag = :e, image_last_modified = :m WHERE sku = :s"),
-                {"e": etag, "m": modified, "s": row.sku},
-            )
+            validators.append({"e": etag, "m": modified, "s": row.sku})
+    if validators:  # one executemany per page, not a round trip per item
+        conn.execute(sa.text("UPDATE items SET image_etag = :e, image_last_modified = :m WHERE sku = :s"), validators)
     if changed:
         if conn.dialect.name == "postgresql":
             copy_rows(conn, "content_changed", ("sku",), [(sku,) for sku in changed])
@@ -275,16 +268,7 @@ def outstanding(conn: Connection, run_id: int) -> int:
 
 
 def _unpublished(conn: Connection, run_id: int, limit: int) -> list[JobSpec]:
-    statement = (
-        sa.select(jobs.c.id, jobs.c.sku, jobs.c.image_uri, jobs.c.attempts)
-        .where(jobs.c.run_id == run_id, jobs.c.state == "queued", jobs.c.published_at.is_(None))
-        .order_by(jobs.c.id)
-        .limit(limit)
-    )
-    return [
-        JobSpec(job_id=r.id, run_id=run_id, sku=r.sku, image_uri=r.image_uri, attempt=r.attempts)
-        for r in conn.execute(statement)
-    ]
+    return ledger.select_jobs(conn, jobs.c.run_id == run_id, ledger.UNPUBLISHED, limit=limit)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from io import StringIO
 from typing import Any
 
 import sqlalchemy as sa
@@ -263,13 +264,39 @@ def insert_for(conn: Connection) -> Any:
     return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
 
 
-def copy_rows(conn: Connection, table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]]) -> None:
-    """Postgres COPY of rows into table (usually a temporary staging table), inside conn's transaction."""
-    from pipeline.writer import copy_text
+# --- COPY --------------------------------------------------------------------------------------
+COPY_NULL = "\\N"
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
+
+def copy_field(value: Any) -> str:
+    """One value in Postgres COPY text format."""
+    if value is None:
+        return COPY_NULL
+    if value is True:
+        return "t"
+    if value is False:
+        return "f"
+    if type(value) is str:
+        return value.translate(_COPY_ESCAPES)
+    return str(value)
+
+
+def copy_text(rows: Iterable[tuple[Any, ...]]) -> StringIO:
+    """Rows in Postgres COPY text format."""
+    buffer = StringIO()
+    buffer.writelines("\t".join(copy_field(v) for v in row) + "\n" for row in rows)
+    buffer.seek(0)
+    return buffer
+
+
+def copy_rows(conn: Connection, table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]] | StringIO) -> None:
+    """Postgres COPY into table (usually a temporary staging table), inside conn's transaction; rows
+    are tuples, or text already in COPY format."""
+    text = rows if isinstance(rows, StringIO) else copy_text(rows)
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
-        cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN", copy_text(rows))
+        cursor.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN", text)
     finally:
         cursor.close()
 

@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -175,16 +175,7 @@ class Fetcher:
             fetched = self._fetch_local(image_uri, image_uri)
         else:
             raise IntakeError(ErrorCode.FORBIDDEN_ADDRESS, f"URI scheme {scheme!r} is not allowed (http, https, file)")
-        elapsed = (time.perf_counter() - started) * 1000
-        return FetchedImage(
-            image_uri=fetched.image_uri,
-            data=fetched.data,
-            sha256=fetched.sha256,
-            etag=fetched.etag,
-            last_modified=fetched.last_modified,
-            not_modified=fetched.not_modified,
-            fetch_ms=elapsed,
-        )
+        return replace(fetched, fetch_ms=(time.perf_counter() - started) * 1000)
 
     # -- local files --
     def _fetch_local(self, image_uri: str, raw_path: str) -> FetchedImage:

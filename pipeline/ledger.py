@@ -330,16 +330,25 @@ def forget_lost_publications(conn: Connection, epoch: str | None, stale_before: 
     return int(conn.execute(statement).rowcount or 0)
 
 
-def unpublished_jobs(conn: Connection, limit: int, after_id: int = 0, queue: str = "new") -> list[tuple[JobSpec, str]]:
-    """Queued jobs of a queue that no message carries, oldest first: what to publish. (The backfill
-    queue is published by the backfill process alone, which keeps its bound on outstanding jobs.)"""
+def select_jobs(conn: Connection, *conditions: Any, limit: int) -> list[JobSpec]:
+    """Jobs matching conditions, oldest first, as the specs a worker is handed."""
     statement = (
-        sa.select(jobs.c.id, jobs.c.run_id, jobs.c.sku, jobs.c.image_uri, jobs.c.queue, jobs.c.attempts)
-        .where(jobs.c.state == "queued", jobs.c.published_at.is_(None), jobs.c.id > after_id, jobs.c.queue == queue)
+        sa.select(jobs.c.id, jobs.c.run_id, jobs.c.sku, jobs.c.image_uri, jobs.c.attempts)
+        .where(*conditions)
         .order_by(jobs.c.id)
         .limit(limit)
     )
     return [
-        (JobSpec(job_id=r.id, run_id=r.run_id, sku=r.sku, image_uri=r.image_uri, attempt=r.attempts), r.queue)
+        JobSpec(job_id=r.id, run_id=r.run_id, sku=r.sku, image_uri=r.image_uri, attempt=r.attempts)
         for r in conn.execute(statement)
     ]
+
+
+UNPUBLISHED = sa.and_(jobs.c.state == "queued", jobs.c.published_at.is_(None))
+
+
+def unpublished_jobs(conn: Connection, limit: int, after_id: int = 0) -> list[JobSpec]:
+    """Queued jobs of the new-listings queue that no message carries: what the reconciler
+    publishes. (The backfill queue is published by the backfill process alone, which keeps its
+    bound on outstanding jobs.)"""
+    return select_jobs(conn, UNPUBLISHED, jobs.c.id > after_id, jobs.c.queue == "new", limit=limit)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from pipeline import ledger
-from pipeline.db import jobs, runs, translated_errors
+from pipeline.db import OPEN_JOB_STATES, jobs, runs, translated_errors
 from pipeline.inference import BatchStats
 from pipeline.worker import HandleReport, JobHandler
 from pipeline.writer import InvalidResultError, ResultWriter, write_with_retry
@@ -61,17 +61,10 @@ class LocalReport:
 
 
 def open_jobs(database: Engine, run_id: int, after_id: int, limit: int) -> list[JobSpec]:
-    statement = (
-        sa.select(jobs.c.id, jobs.c.sku, jobs.c.image_uri, jobs.c.attempts)
-        .where(jobs.c.run_id == run_id, jobs.c.state.in_(("queued", "running")), jobs.c.id > after_id)
-        .order_by(jobs.c.id)
-        .limit(limit)
-    )
     with translated_errors("reading jobs"), database.connect() as conn:
-        return [
-            JobSpec(job_id=r.id, run_id=run_id, sku=r.sku, image_uri=r.image_uri, attempt=r.attempts)
-            for r in conn.execute(statement)
-        ]
+        return ledger.select_jobs(
+            conn, jobs.c.run_id == run_id, jobs.c.state.in_(OPEN_JOB_STATES), jobs.c.id > after_id, limit=limit
+        )
 
 
 def run_jobs(
@@ -114,7 +107,7 @@ def _collect(
 
 
 def _has_open_jobs(database: Engine, run_id: int) -> bool:
-    statement = sa.select(sa.func.count()).where(jobs.c.run_id == run_id, jobs.c.state.in_(("queued", "running")))
+    statement = sa.select(sa.func.count()).where(jobs.c.run_id == run_id, jobs.c.state.in_(OPEN_JOB_STATES))
     with database.connect() as conn:
         return bool(conn.execute(statement).scalar_one())
 

@@ -10,7 +10,6 @@ Run by `skutag reconcile`, and periodically by every writer (one at a time: an a
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -21,7 +20,6 @@ from pipeline import ledger
 from pipeline.db import translated_errors
 from pipeline.settings import Settings
 from pipeline.worker import JobPublisher
-from schemas.results import JobSpec
 
 PAGE = 5000
 RECONCILE_LOCK = 0x5C07A6  # pg_advisory lock key: one reconciler at a time
@@ -61,12 +59,8 @@ def _try_lock(conn: sa.Connection) -> bool:
 def _publish_unpublished(conn: sa.Connection, publisher: JobPublisher, epoch: str | None) -> int:
     published, after = 0, 0
     while page := ledger.unpublished_jobs(conn, PAGE, after):
-        by_queue: dict[str, list[JobSpec]] = defaultdict(list)
-        for spec, queue in page:
-            by_queue[queue].append(spec)
-        for queue, specs in by_queue.items():
-            publisher.publish(specs, queue)
-        ledger.mark_published(conn, [spec.job_id for spec, _ in page], epoch)
+        publisher.publish(page, "new")
+        ledger.mark_published(conn, [spec.job_id for spec in page], epoch)
         published += len(page)
-        after = page[-1][0].job_id
+        after = page[-1].job_id
     return published

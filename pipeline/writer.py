@@ -23,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from pipeline.db import FINISH_RUNS, insert_for, taxonomy_values, translated_errors
+from pipeline.db import COPY_NULL, FINISH_RUNS, copy_field, copy_rows, insert_for, taxonomy_values, translated_errors
 from pipeline.errors import InputError, RetryableError
 from schemas.results import TagResult
 from schemas.taxonomy import CATEGORY, Taxonomy
@@ -231,41 +231,15 @@ def _tag_rows(result: TagResult) -> Iterable[tuple[Any, ...]]:
         yield (result.job_id, result.sku, name, tag.value, tag.confidence, tag.runner_up, tag.runner_up_confidence)
 
 
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def _copy_field(value: Any) -> str:
-    if value is None:
-        return "\\N"
-    if value is True:
-        return "t"
-    if value is False:
-        return "f"
-    if type(value) is str:
-        return value.translate(_COPY_ESCAPES)
-    return str(value)
-
-
 def _tag_copy_lines(result: TagResult) -> str:
     """COPY lines for one result's tags. Attribute names and value ids are slugs (the taxonomy
     validates them, and so did find_invalid), so only the sku needs escaping: the hot path."""
-    prefix = f"{result.job_id}\t{_copy_field(result.sku)}\t"
+    prefix = f"{result.job_id}\t{copy_field(result.sku)}\t"
     return "".join(
-        f"{prefix}{name}\t{tag.value}\t{tag.confidence!r}\t{tag.runner_up or NULL}\t"
-        f"{NULL if tag.runner_up_confidence is None else repr(tag.runner_up_confidence)}\n"
+        f"{prefix}{name}\t{tag.value}\t{tag.confidence!r}\t{tag.runner_up or COPY_NULL}\t"
+        f"{COPY_NULL if tag.runner_up_confidence is None else repr(tag.runner_up_confidence)}\n"
         for name, tag in result.attributes.items()
     )
-
-
-NULL = "\\N"
-
-
-def copy_text(rows: Iterable[tuple[Any, ...]]) -> StringIO:
-    """Rows in Postgres COPY text format."""
-    buffer = StringIO()
-    buffer.writelines("\t".join(_copy_field(v) for v in row) + "\n" for row in rows)
-    buffer.seek(0)
-    return buffer
 
 
 def _sqlite_timestamp(moment: datetime) -> str:
@@ -336,16 +310,10 @@ class ResultWriter:
         if not conn.info.get("skutag_staging"):
             conn.exec_driver_sql(_PG_STAGING)
             conn.info["skutag_staging"] = True
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cursor.copy_expert(
-                f"COPY stage_results ({', '.join(RESULT_COLUMNS)}, sku_winner) FROM STDIN", copy_text(result_rows)
-            )
-            cursor.copy_expert(f"COPY stage_tags ({', '.join(TAG_COLUMNS)}) FROM STDIN", tag_text)
-            # Temporary tables have no statistics; without them the planner may scan all of jobs.
-            cursor.execute("ANALYZE stage_results")
-        finally:
-            cursor.close()
+        copy_rows(conn, "stage_results", (*RESULT_COLUMNS, "sku_winner"), result_rows)
+        copy_rows(conn, "stage_tags", TAG_COLUMNS, tag_text)
+        # Temporary tables have no statistics; without them the planner may scan all of jobs.
+        conn.exec_driver_sql("ANALYZE stage_results")
 
     def _stage_sqlite(
         self, conn: Connection, result_rows: list[tuple[Any, ...]], tag_rows: list[tuple[Any, ...]]
