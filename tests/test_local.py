@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import resource
+import statistics
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -174,5 +175,6 @@ def test_worker_memory_stays_flat_over_a_long_run(
             samples.append(_rss_mb())
     finally:
         handler.close()
-    warm, end = samples[9], samples[-1]
-    assert end - warm < 40, f"RSS grew from {warm:.0f} MB to {end:.0f} MB over 30 batches"
+    # Single samples swing by +-40 MB with the allocator's temporaries; a leak moves the median.
+    warm, end = statistics.median(samples[10:20]), statistics.median(samples[-10:])
+    assert end - warm < 40, f"median RSS grew from {warm:.0f} MB to {end:.0f} MB over 20 batches: {samples}"
