@@ -303,6 +303,16 @@ def bench_backfill(server_url: str, broker_url: str, sizes: str) -> None:
     click.echo(json.dumps(summary))
 
 
+@bench.command("listing")
+@click.option("--cases", default=2000, show_default=True, help="Generated titles, half English, half Chinese.")
+@click.option("--seed", default=0, show_default=True)
+def bench_listing(cases: int, seed: int) -> None:
+    """Listing checks: precision and recall on titles with planted mismatches, vs a word-split reader."""
+    from pipeline.bench import listing
+
+    click.echo(json.dumps(listing.run(count=cases, seed=seed), ensure_ascii=False, indent=2))
+
+
 @bench.command("writer")
 @click.option(
     "--database-url",
@@ -534,31 +544,39 @@ def runs(ctx: click.Context, limit: int) -> None:
 @click.option("--output", "-o", type=click.File("w", encoding="utf-8"), default="-", help="A file (default stdout).")
 @click.pass_context
 def export(ctx: click.Context, fmt: str, output: Any) -> None:
-    """Export the current tags (with reviews applied) from the consumer views."""
+    """Export the current tags (with reviews applied) from the consumer views, with listing issues
+    (jsonl: a listing_issues list per sku that has any; csv: a listing_values column per attribute)."""
     import csv
 
     import sqlalchemy as sa
 
+    from pipeline.listing_store import issues_by_sku
+
     database = _database(settings_from(ctx))
     count = 0
     with database.connect() as conn:
+        issues = issues_by_sku(conn)
         if fmt == "jsonl":
             rows = conn.execution_options(yield_per=2000).execute(
-                sa.text("SELECT tags FROM sku_tags_json ORDER BY sku")
+                sa.text("SELECT sku, tags FROM sku_tags_json ORDER BY sku")
             )
-            for (document,) in rows:
-                output.write(
-                    (document if isinstance(document, str) else json.dumps(document, ensure_ascii=False)) + "\n"
-                )
+            for sku, document in rows:
+                tags = json.loads(document) if isinstance(document, str) else dict(document)
+                if sku in issues:
+                    tags["listing_issues"] = issues[sku]
+                output.write(json.dumps(tags, ensure_ascii=False) + "\n")
                 count += 1
         else:
             columns = ["sku", "attribute", "value", "confidence", "source", "label_en", "label_zh", "model_id",
                        "taxonomy_version", "updated_at"]  # fmt: skip
             query = sa.text(f"SELECT {', '.join(columns)} FROM sku_tags_current ORDER BY sku, attribute")
             writer = csv.writer(output)
-            writer.writerow(columns)
+            writer.writerow([*columns, "listing_values"])
             for row in conn.execution_options(yield_per=5000).execute(query):
-                writer.writerow(row)
+                listed: list[str] = next(
+                    (i["listed_values"] for i in issues.get(row[0], ()) if i["attribute"] == row[1]), []
+                )
+                writer.writerow([*row, ",".join(listed)])
                 count += 1
     err_console.print(f"exported {count} {'skus' if fmt == 'jsonl' else 'rows'}")
 
@@ -609,6 +627,7 @@ def _run_local(settings: Settings, catalog: Any, resume_run: int | None, console
     from pipeline import ledger
     from pipeline.catalog import read_catalog
     from pipeline.inference import TaggingEngine, load_model
+    from pipeline.listing import ListingChecker
     from pipeline.local import run_jobs, run_state
     from pipeline.producer import submit_catalog
     from pipeline.worker import JobHandler
@@ -631,7 +650,9 @@ def _run_local(settings: Settings, catalog: Any, resume_run: int | None, console
             ledger.reopen_running(conn, run_id)  # a local run has no other worker: its leases are stale
     console.print(f"loading {settings.model} ({settings.quantization}) ...")
     handler = JobHandler(settings, TaggingEngine(load_model(settings), taxonomy_, settings), database)
-    writer = ResultWriter(database, taxonomy_, settings.notify_channel)
+    writer = ResultWriter(
+        database, taxonomy_, settings.notify_channel, ListingChecker.from_settings(settings, taxonomy_)
+    )
     _, counts = run_state(database, run_id)
     total = sum(counts.values())
     try:

@@ -12,7 +12,8 @@ Tables, in the order a job flows through them:
     tags             the current model value per (sku, attribute), with confidence and runner-up
     reviews          a person's value per (sku, attribute); overrides the model's, never deletes it
     taxonomy_values  labels and synonyms of every value, per taxonomy version, for consumers
-The views sku_tags_current and sku_tags_json (see migrations/) are the consumer contract.
+    listing_mismatches  where a listing's title or category hint contradicts a confident tag
+The views sku_tags_current, sku_tags_json and listing_issues (see migrations/) are the consumer contract.
 """
 
 from __future__ import annotations
@@ -212,6 +213,23 @@ taxonomy_values = sa.Table(
     sa.Column("label_en", sa.Text, nullable=False),
     sa.Column("label_zh", sa.Text, nullable=False),
     sa.Column("synonyms", Json, nullable=False),
+)
+
+
+listing_mismatches = sa.Table(
+    "listing_mismatches",
+    metadata,
+    sa.Column("sku", sa.Text, primary_key=True),
+    sa.Column("attribute", sa.Text, primary_key=True),
+    sa.Column("listed_values", sa.Text, nullable=False, doc="Value ids the listing names, comma-separated."),
+    sa.Column("listed_words", sa.Text, nullable=False, doc="The listing's words that named them, ' | '-separated."),
+    sa.Column("listed_in", sa.Text, nullable=False, doc="title, category_hint or both, comma-separated."),
+    sa.Column("image_value", sa.Text, nullable=False),
+    sa.Column("confidence", sa.Float, nullable=False),
+    sa.Column("job_id", BigId, nullable=False),
+    sa.Column("image_sha256", sa.Text),
+    sa.Column("taxonomy_version", sa.Text, nullable=False),
+    sa.Column("detected_at", Timestamp, nullable=False),
 )
 
 

@@ -63,6 +63,15 @@ class Settings(BaseSettings):
         default_factory=dict, description="Per-attribute overrides of confidence_threshold."
     )
 
+    # --- listing checks ---------------------------------------------------------------------
+    listing_checks: bool = Field(True, description="Compare titles and category hints with the image's tags.")
+    listing_min_confidence: float = Field(
+        0.8, ge=0.0, le=1.0, description="Only an image tag at least this confident can contradict a listing."
+    )
+    listing_ignored_attributes: list[str] = Field(
+        default_factory=lambda: ["style", "season"], description="Attributes a listing is not checked on."
+    )
+
     # --- batching and time limits ---------------------------------------------------------
     batch_size: int = Field(32, ge=1, le=1024)
     batch_wait_ms: int = Field(50, ge=0, le=60_000, description="Longest a partial batch waits to fill.")

@@ -25,6 +25,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from pipeline.db import COPY_NULL, FINISH_RUNS, copy_field, copy_rows, insert_for, taxonomy_values, translated_errors
 from pipeline.errors import InputError, RetryableError
+from pipeline.listing import ListingChecker
+from pipeline.listing_store import record_listing_issues
 from schemas.results import TagResult
 from schemas.taxonomy import CATEGORY, Taxonomy
 
@@ -255,9 +257,17 @@ def _pg_timestamp(moment: datetime) -> str:
 class ResultWriter:
     """Writes batches of results to one database. One instance per process; thread-safe."""
 
-    def __init__(self, engine: Engine, taxonomy: Taxonomy, notify_channel: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        taxonomy: Taxonomy,
+        notify_channel: str | None = None,
+        listing: ListingChecker | None = None,
+    ) -> None:
         self.engine = engine
         self.taxonomy = taxonomy
+        # Listing checks run on by default; a checker with other settings comes from the caller.
+        self.listing = listing if listing is not None else ListingChecker(taxonomy)
         self.notify_channel = notify_channel if engine.dialect.name == "postgresql" else None
         self._taxonomy_synced = False
 
@@ -286,6 +296,8 @@ class ResultWriter:
             won = self._capture(conn, upsert.bindparams(_NOW), "stage_won", ("sku", "job_id", "replaced"))
             conn.execute(_DELETE_REPLACED_TAGS)
             tag_rows = conn.execute(_INSERT_TAGS, {"now": _utcnow()}).rowcount
+            by_job = {result.job_id: result for result in batch}
+            record_listing_issues(conn, self.listing, [by_job[row[1]] for row in won], _utcnow())
             conn.execute(_FINISH_JOBS, {"now": _utcnow()})
             conn.execute(_FINISH_RUNS, {"now": _utcnow()})
             self._notify(conn, [str(row[0]) for row in won])

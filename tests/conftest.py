@@ -96,7 +96,7 @@ def migrated_postgres_url(postgres_admin: Engine) -> Iterator[str]:
     drop_database(postgres_admin, url)
 
 
-TABLES = ("taxonomy_values", "reviews", "tags", "tag_sets", "results", "jobs", "runs", "items")
+TABLES = ("listing_mismatches", "taxonomy_values", "reviews", "tags", "tag_sets", "results", "jobs", "runs", "items")
 
 
 @pytest.fixture

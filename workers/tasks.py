@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from pipeline.db import make_engine
 from pipeline.errors import RetryableError, SkutagError
 from pipeline.inference import TaggingEngine, load_model
+from pipeline.listing import ListingChecker
 from pipeline.local import write_valid
 from pipeline.metrics import WorkerMetrics, serve
 from pipeline.reconcile import reconcile
@@ -132,7 +133,8 @@ def _reconcile_forever(stop: threading.Event, settings: Settings, app: Celery) -
 def run_writer(settings: Settings, loglevel: str = "INFO", reconcile_periodically: bool = True) -> None:
     app = create_app(settings)
     taxonomy = load_taxonomy(settings.taxonomy_path)
-    writer = ResultWriter(make_engine(settings.database_url), taxonomy, settings.notify_channel)
+    listing = ListingChecker.from_settings(settings, taxonomy)
+    writer = ResultWriter(make_engine(settings.database_url), taxonomy, settings.notify_channel, listing)
     register_write_task(app, writer, settings)
     stop = threading.Event()
     if reconcile_periodically:

@@ -1,0 +1,96 @@
+"""Listing issues in the database: replaced with a sku's current tags, read back for export.
+
+The writer calls record_listing_issues in the transaction that makes a result current, so the
+issues always describe the tags consumers see: a new result for a sku replaces its old issues,
+also with none when the new image agrees with the listing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from pipeline.db import items, listing_mismatches
+from pipeline.listing import REVIEW_REASON, ListingChecker, ListingIssue
+from schemas.results import TagResult
+
+WORD_SEPARATOR = " | "
+
+
+def record_listing_issues(
+    conn: Connection, checker: ListingChecker, current: Sequence[TagResult], now: datetime
+) -> int:
+    """Check each result that became its sku's current one against the sku's listing; replace the
+    sku's stored issues with what the check finds. Returns the number of issues stored."""
+    if not current:
+        return 0
+    skus = [result.sku for result in current]
+    listings = _listings(conn, skus)
+    conn.execute(sa.delete(listing_mismatches).where(listing_mismatches.c.sku.in_(skus)))
+    rows = [
+        _row(result, issue, now)
+        for result in current
+        if result.sku in listings
+        for issue in checker.check(listings[result.sku], result.attributes)
+    ]
+    if rows:
+        conn.execute(sa.insert(listing_mismatches), rows)
+    return len(rows)
+
+
+def _listings(conn: Connection, skus: Sequence[str]) -> dict[str, dict[str, str | None]]:
+    """Title and category hint of the skus that have either."""
+    query = sa.select(items.c.sku, items.c.title, items.c.category_hint).where(
+        items.c.sku.in_(skus), sa.or_(items.c.title.is_not(None), items.c.category_hint.is_not(None))
+    )
+    return {sku: {"title": title, "category_hint": hint} for sku, title, hint in conn.execute(query)}
+
+
+def _row(result: TagResult, issue: ListingIssue, now: datetime) -> dict[str, Any]:
+    return {
+        "sku": result.sku,
+        "attribute": issue.attribute,
+        "listed_values": ",".join(issue.listed_values),
+        "listed_words": WORD_SEPARATOR.join(issue.listed_words),
+        "listed_in": ",".join(issue.listed_in),
+        "image_value": issue.image_value,
+        "confidence": issue.confidence,
+        "job_id": result.job_id,
+        "image_sha256": result.image_sha256,
+        "taxonomy_version": result.provenance.taxonomy_version,
+        "detected_at": now,
+    }
+
+
+# --- reading ---------------------------------------------------------------------------------
+EXPORT_COLUMNS = ("attribute", "listed_values", "listed_words", "listed_in", "image_value", "confidence")
+
+
+def issues_by_sku(conn: Connection) -> dict[str, list[dict[str, Any]]]:
+    """Every stored issue from the listing_issues view, grouped by sku (issues are few: one map)."""
+    query = sa.text(f"SELECT sku, {', '.join(EXPORT_COLUMNS)} FROM listing_issues ORDER BY sku, attribute")
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for row in conn.execute(query):
+        grouped.setdefault(row[0], []).append(export_document(dict(zip(EXPORT_COLUMNS, row[1:], strict=True))))
+    return grouped
+
+
+def export_document(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One issue as exported: lists for the list-valued columns."""
+    return {
+        "attribute": row["attribute"],
+        "listed_values": _split(row["listed_values"], ","),
+        "listed_words": _split(row["listed_words"], WORD_SEPARATOR),
+        "listed_in": _split(row["listed_in"], ","),
+        "image_value": row["image_value"],
+        "confidence": row["confidence"],
+        "review_reason": REVIEW_REASON,
+    }
+
+
+def _split(text: str | None, separator: str) -> list[str]:
+    return [part for part in (text or "").split(separator) if part]
