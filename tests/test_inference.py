@@ -15,8 +15,10 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from pipeline.cli import main
+from pipeline.device_images import patchify
 from pipeline.errors import GpuOutOfMemoryError, ModelError
-from pipeline.inference import BatchStats, ItemTags, TaggingEngine, load_model, patchify, tag_splitting_on_oom
+from pipeline.inference import BatchStats, ItemTags, TaggingEngine, tag_splitting_on_oom
+from pipeline.model_loading import load_model
 from pipeline.prompts import build_prompt
 from pipeline.writer import result_problems
 from schemas.images import PreparedImage
