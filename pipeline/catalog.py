@@ -128,7 +128,10 @@ def _required_problem(values: dict[str, str | None]) -> str | None:
     uri = values["image_uri"]
     if not uri:
         return "image_uri is empty"
-    scheme = urlsplit(uri).scheme.lower()
+    try:
+        scheme = urlsplit(uri).scheme.lower()
+    except ValueError as exc:  # http://[::1/x.jpg
+        return f"image_uri is not a valid URI: {exc}"
     if scheme not in SCHEMES:
         return f"image_uri scheme {scheme!r} is not supported (http, https, file or a path)"
     return None

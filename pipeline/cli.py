@@ -628,7 +628,7 @@ def _run_local(settings: Settings, catalog: Any, resume_run: int | None, console
     from pipeline.catalog import read_catalog
     from pipeline.inference import TaggingEngine, load_model
     from pipeline.listing import ListingChecker
-    from pipeline.local import run_jobs, run_state
+    from pipeline.local import log_to_file, run_jobs, run_state
     from pipeline.producer import submit_catalog
     from pipeline.worker import JobHandler
     from pipeline.writer import ResultWriter
@@ -656,9 +656,12 @@ def _run_local(settings: Settings, catalog: Any, resume_run: int | None, console
     _, counts = run_state(database, run_id)
     total = sum(counts.values())
     try:
-        with Progress(
-            TextColumn(f"run {run_id}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-        ) as progress:
+        with (
+            log_to_file(settings.work_dir / "skutag.log"),
+            Progress(
+                TextColumn(f"run {run_id}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+            ) as progress,
+        ):
             task = progress.add_task(
                 "tagging", total=total, completed=total - counts.get("queued", 0) - counts.get("running", 0)
             )

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import math
 import os
+import re
 import socket
 import stat
 import time
@@ -40,14 +42,19 @@ import httpx
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
+from pipeline import deadline
+from pipeline.addresses import AllowedHosts, IPAddress, forbidden_reason
 from pipeline.settings import Settings
 from schemas.images import FetchedImage, IntakeFailure, IntakeOutcome, PreparedImage
-from schemas.results import ErrorCode, ItemError
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from schemas.results import ErrorCode, ItemError, JobSpec
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IMAGE_STATUSES = frozenset({200, 203})  # a full representation; 206 or 204 is not an image
+HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")  # what DNS can carry (IDNA-encoded)
+NUMERIC_HOST = re.compile(r"(?:.*\.)?(?:[0-9]+|0[xX][0-9a-fA-F]*)\.?")  # ends in a number
+# The smallest well-formed file of any accepted format is longer than this (a GIF is 26+ bytes):
+# shorter data is refused before any decoder or format probe sees it.
+MIN_IMAGE_BYTES = 8
 TRANSPOSE_FOR_ORIENTATION = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -58,6 +65,8 @@ TRANSPOSE_FOR_ORIENTATION = {
     8: Image.Transpose.ROTATE_90,
 }
 WHITE = (255, 255, 255)
+
+log = logging.getLogger("skutag.intake")
 
 
 class IntakeError(Exception):
@@ -80,35 +89,6 @@ def configure_pillow(max_image_pixels: int) -> None:
 
 
 # --- addresses -------------------------------------------------------------------------------
-def forbidden_reason(address: IPAddress) -> str | None:
-    """Why connecting to address is refused, or None when it is a public unicast address."""
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = _embedded_ipv4(address)
-        if embedded is not None:
-            reason = forbidden_reason(embedded)
-            return f"{reason} (inside {address})" if reason else None
-    checks = (
-        (address.is_multicast, "a multicast address"),
-        (address.is_loopback, "a loopback address"),
-        (address.is_link_local, "a link-local address"),
-        (address.is_private, "a private address"),
-        (not address.is_global, "not a globally routable address"),
-    )
-    return next((f"{address} is {what}" for failed, what in checks if failed), None)
-
-
-def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    if address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    if address.sixtofour is not None:
-        return address.sixtofour
-    if address.teredo is not None:
-        return address.teredo[1]
-    if address in NAT64:
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    return None
-
-
 def resolve(host: str, port: int) -> list[IPAddress]:
     try:
         literal = ipaddress.ip_address(host.strip("[]"))
@@ -116,6 +96,10 @@ def resolve(host: str, port: int) -> list[IPAddress]:
         pass
     else:
         return [literal]
+    if NUMERIC_HOST.fullmatch(host):
+        # WHATWG URL parsing: a host ending in a number is an IPv4 address, and this one is not a
+        # valid one (256.1.1.1). Never hand it to the resolver, which would send it to DNS.
+        raise IntakeError(ErrorCode.INVALID_URI, f"{host!r} is not a valid IPv4 address")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
@@ -132,7 +116,7 @@ def resolve(host: str, port: int) -> list[IPAddress]:
 @dataclass(frozen=True)
 class FetchPolicy:
     roots: tuple[Path, ...]
-    allowed_hosts: frozenset[str]
+    allowed_hosts: AllowedHosts
     max_bytes: int
     connect_timeout_s: float
     read_timeout_s: float
@@ -143,7 +127,7 @@ class FetchPolicy:
     def from_settings(cls, settings: Settings) -> FetchPolicy:
         return cls(
             roots=tuple(Path(os.path.realpath(root)) for root in settings.image_roots),
-            allowed_hosts=frozenset(host.lower() for host in settings.allowed_hosts),
+            allowed_hosts=AllowedHosts.parse(settings.allowed_hosts),
             max_bytes=settings.max_image_bytes,
             connect_timeout_s=settings.fetch_connect_timeout_s,
             read_timeout_s=settings.fetch_read_timeout_s,
@@ -157,8 +141,7 @@ class Fetcher:
 
     def __init__(self, policy: FetchPolicy, client: httpx.Client | None = None) -> None:
         self.policy = policy
-        # trust_env=False: a proxy from the environment would connect to hosts we never checked.
-        self.client = client or httpx.Client(trust_env=False, follow_redirects=False)
+        self.client = client or deadline.deadline_client()
 
     def close(self) -> None:
         self.client.close()
@@ -166,9 +149,15 @@ class Fetcher:
     def fetch(self, image_uri: str, etag: str | None = None, last_modified: str | None = None) -> FetchedImage:
         """Raises IntakeError; a conditional request (etag / last_modified) may return not_modified."""
         started = time.perf_counter()
-        scheme = urlsplit(image_uri).scheme.lower()
+        if "\0" in image_uri:
+            raise IntakeError(ErrorCode.INVALID_URI, "the URI contains a NUL byte")
+        try:
+            scheme = urlsplit(image_uri).scheme.lower()
+        except ValueError as exc:
+            raise IntakeError(ErrorCode.INVALID_URI, f"not a valid URI: {exc}") from exc
         if scheme in {"http", "https"}:
-            fetched = self._fetch_http(image_uri, etag, last_modified)
+            with deadline.within(self.policy.total_timeout_s):
+                fetched = self._fetch_http(image_uri, etag, last_modified)
         elif scheme == "file":
             fetched = self._fetch_local(image_uri, _file_uri_path(image_uri))
         elif scheme == "" or (len(scheme) == 1 and os.name == "nt"):
@@ -179,6 +168,8 @@ class Fetcher:
 
     # -- local files --
     def _fetch_local(self, image_uri: str, raw_path: str) -> FetchedImage:
+        if "\0" in raw_path:  # file:///a.jpg%00 decodes to one; the OS would refuse it with a ValueError
+            raise IntakeError(ErrorCode.INVALID_URI, f"{raw_path!r} contains a NUL byte")
         path = Path(raw_path)
         if not path.is_absolute():
             path = self.policy.roots[0] / path if self.policy.roots else path
@@ -190,32 +181,39 @@ class Fetcher:
             descriptor = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError as exc:
             raise IntakeError(ErrorCode.NOT_FOUND, f"{raw_path}: no such file") from exc
+        except IsADirectoryError as exc:
+            raise IntakeError(ErrorCode.NOT_FOUND, f"{raw_path} is a directory, not an image file") from exc
         except OSError as exc:
             raise IntakeError(ErrorCode.FETCH_FAILED, f"{raw_path}: {exc.strerror}") from exc
+        try:
+            self._check_file(raw_path, os.fstat(descriptor))
+        except IntakeError:
+            os.close(descriptor)
+            raise
         with os.fdopen(descriptor, "rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise IntakeError(ErrorCode.FORBIDDEN_ADDRESS, f"{raw_path} is not a regular file")
-            if info.st_size > self.policy.max_bytes:
-                raise IntakeError(
-                    ErrorCode.TOO_LARGE, f"{raw_path}: {info.st_size} bytes, over {self.policy.max_bytes}"
-                )
             data = handle.read(self.policy.max_bytes + 1)
         if len(data) > self.policy.max_bytes:
             raise IntakeError(ErrorCode.TOO_LARGE, f"{raw_path}: over {self.policy.max_bytes} bytes")
         return FetchedImage(image_uri=image_uri, data=data, sha256=hashlib.sha256(data).hexdigest())
 
+    def _check_file(self, raw_path: str, info: os.stat_result) -> None:
+        if stat.S_ISDIR(info.st_mode):
+            raise IntakeError(ErrorCode.NOT_FOUND, f"{raw_path} is a directory, not an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise IntakeError(ErrorCode.FORBIDDEN_ADDRESS, f"{raw_path} is not a regular file")
+        if info.st_size > self.policy.max_bytes:
+            raise IntakeError(ErrorCode.TOO_LARGE, f"{raw_path}: {info.st_size} bytes, over {self.policy.max_bytes}")
+
     # -- http(s) --
     def _fetch_http(self, image_uri: str, etag: str | None, last_modified: str | None) -> FetchedImage:
-        deadline = time.monotonic() + self.policy.total_timeout_s
-        url = httpx.URL(image_uri)
+        url = _parse_url(image_uri)
         headers = {"Accept": "image/*", "User-Agent": "skutag/0.1"}
         if etag:
             headers["If-None-Match"] = etag
         if last_modified:
             headers["If-Modified-Since"] = last_modified
         for _hop in range(self.policy.max_redirects + 1):
-            location = self._request(url, headers, deadline, image_uri)
+            location = self._request(url, headers, image_uri)
             if isinstance(location, FetchedImage):
                 return location
             url = location
@@ -227,10 +225,9 @@ class Fetcher:
             raise IntakeError(ErrorCode.FORBIDDEN_ADDRESS, f"redirect to {url} is not an http(s) URL")
         port = url.port or (443 if url.scheme == "https" else 80)
         addresses = resolve(url.host, port)
-        allowed = (
-            url.host.lower() in self.policy.allowed_hosts or f"{url.host.lower()}:{port}" in self.policy.allowed_hosts
-        )
-        if not allowed:
+        if not addresses:
+            raise IntakeError(ErrorCode.FETCH_FAILED, f"host {url.host!r} has no address")
+        if not self.policy.allowed_hosts.allows(url.host, port):
             for address in addresses:
                 reason = forbidden_reason(address)
                 if reason:
@@ -238,11 +235,9 @@ class Fetcher:
         extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
         return url.copy_with(host=str(addresses[0])), extensions
 
-    def _request(
-        self, url: httpx.URL, headers: dict[str, str], deadline: float, image_uri: str
-    ) -> FetchedImage | httpx.URL:
+    def _request(self, url: httpx.URL, headers: dict[str, str], image_uri: str) -> FetchedImage | httpx.URL:
         target, extensions = self._target(url)
-        remaining = deadline - time.monotonic()
+        remaining = deadline.remaining()
         if remaining <= 0:
             raise IntakeError(ErrorCode.TIMEOUT, f"no answer within {self.policy.total_timeout_s:g} s")
         timeout = httpx.Timeout(
@@ -257,15 +252,22 @@ class Fetcher:
                 "GET", target, headers=request_headers, extensions=extensions, timeout=timeout
             ) as response:
                 if response.status_code in REDIRECTS and "location" in response.headers:
-                    return url.join(response.headers["location"])
-                return self._read_body(response, url, deadline, image_uri)
+                    return _join_location(url, response.headers["location"])
+                conditional = "If-None-Match" in headers or "If-Modified-Since" in headers
+                return self._read_body(response, url, image_uri, conditional)
         except httpx.TimeoutException as exc:
             raise IntakeError(ErrorCode.TIMEOUT, f"{url.host}: timed out ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
-            raise IntakeError(ErrorCode.FETCH_FAILED, f"{url.host}: {type(exc).__name__}: {exc}") from exc
+            # httpx parses a redirect's Location itself (even with redirects off) and reports a bad one so
+            code = ErrorCode.INVALID_URI if "Invalid URL in location" in str(exc) else ErrorCode.FETCH_FAILED
+            raise IntakeError(code, f"{url.host}: {type(exc).__name__}: {exc}") from exc
+        except (httpx.InvalidURL, ValueError) as exc:  # ... or lets idna's ValueError through
+            raise IntakeError(ErrorCode.INVALID_URI, f"{url.host} answered with an invalid URL: {exc}") from exc
 
-    def _read_body(self, response: httpx.Response, url: httpx.URL, deadline: float, image_uri: str) -> FetchedImage:
+    def _read_body(self, response: httpx.Response, url: httpx.URL, image_uri: str, conditional: bool) -> FetchedImage:
         status = response.status_code
+        if status == 304 and not conditional:
+            raise IntakeError(ErrorCode.FETCH_FAILED, f"{url}: HTTP 304 to a request that was not conditional")
         if status == 304:
             return FetchedImage(
                 image_uri=image_uri, data=b"", sha256="", not_modified=True,
@@ -275,6 +277,10 @@ class Fetcher:
             raise IntakeError(ErrorCode.NOT_FOUND, f"{url}: HTTP {status}")
         if status >= 400:
             raise IntakeError(ErrorCode.FETCH_FAILED, f"{url}: HTTP {status}")
+        if status == 204:
+            raise IntakeError(ErrorCode.NOT_AN_IMAGE, f"{url}: HTTP 204 No Content")
+        if status not in IMAGE_STATUSES:
+            raise IntakeError(ErrorCode.FETCH_FAILED, f"{url}: HTTP {status} is not an image response")
         declared = response.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.policy.max_bytes:
             raise IntakeError(ErrorCode.TOO_LARGE, f"{url}: Content-Length {declared}, over {self.policy.max_bytes}")
@@ -283,7 +289,7 @@ class Fetcher:
             size += len(chunk)
             if size > self.policy.max_bytes:  # the header may lie or be absent: count what arrives
                 raise IntakeError(ErrorCode.TOO_LARGE, f"{url}: body over {self.policy.max_bytes} bytes")
-            if time.monotonic() > deadline:
+            if deadline.remaining() <= 0:
                 raise IntakeError(
                     ErrorCode.TIMEOUT, f"{url}: body not complete within {self.policy.total_timeout_s:g} s"
                 )
@@ -293,6 +299,28 @@ class Fetcher:
             image_uri=image_uri, data=data, sha256=hashlib.sha256(data).hexdigest(),
             etag=response.headers.get("etag"), last_modified=response.headers.get("last-modified"),
         )  # fmt: skip
+
+
+def _parse_url(image_uri: str) -> httpx.URL:
+    try:
+        url = httpx.URL(image_uri)
+        _ = url.host, url.port  # decoded lazily: an invalid IDNA label (xn--) raises only here
+    except (httpx.InvalidURL, ValueError) as exc:  # idna's errors are ValueErrors
+        raise IntakeError(ErrorCode.INVALID_URI, f"not a valid URL: {exc}") from exc
+    host = url.raw_host.decode("ascii", "replace")
+    if host and not HOST_NAME.fullmatch(host) and ":" not in host:  # ':' only in an IPv6 literal
+        raise IntakeError(ErrorCode.INVALID_URI, f"{host!r} is not a valid host name")
+    return url
+
+
+def _join_location(url: httpx.URL, location: str) -> httpx.URL:
+    try:
+        joined = url.join(location)
+        return _parse_url(str(joined)) if joined.host else joined  # validates the new host (IDNA too)
+    except IntakeError as exc:
+        raise IntakeError(ErrorCode.INVALID_URI, f"{url.host} redirects to an invalid URL: {exc}") from exc
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise IntakeError(ErrorCode.INVALID_URI, f"{url.host} redirects to an invalid URL: {exc}") from exc
 
 
 def _file_uri_path(image_uri: str) -> str:
@@ -317,13 +345,19 @@ def identify_format(data: bytes) -> str | None:
     prefix = data[:16]
     for name in Image.ID:
         accept = Image.OPEN[name][1]
-        if accept is not None and accept(prefix):
-            return name
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # a plugin's probe may raise on short or odd input: it does not claim it
+            continue
     return None
 
 
 def decode(data: bytes, policy: DecodePolicy) -> tuple[np.ndarray, str, tuple[int, int]]:
     """The square to resize, its source format and size. Raises IntakeError."""
+    if len(data) < MIN_IMAGE_BYTES:
+        # Too short for any format; some plugins' probes raise struct.error on a few bytes.
+        raise IntakeError(ErrorCode.NOT_AN_IMAGE, f"{len(data)} bytes: too short to be an image")
     try:
         with Image.open(BytesIO(data), formats=list(policy.formats)) as image:
             source_size, source_format = image.size, str(image.format)  # before draft scales it
@@ -447,7 +481,21 @@ class ImageIntake:
     def close(self) -> None:
         self.fetcher.close()
 
-    def prepare(self, image_uri: str) -> IntakeOutcome:
+    def prepare(self, image_uri: str, owner: str | None = None) -> IntakeOutcome:
+        """The prepared image or its failure; never raises. This is the per-item boundary that the
+        workers, local mode and tag-image share: whatever goes wrong with one image ends as that
+        image's IntakeFailure, so it cannot fail a neighbour or a queue message. owner names the
+        item (job id and sku) in the log, where an unexpected error's traceback goes, once."""
+        try:
+            return self._prepare(image_uri)
+        except MemoryError:
+            return IntakeFailure(image_uri, ItemError(code=ErrorCode.TOO_LARGE, message="out of memory decoding it"))
+        except Exception as exc:
+            log.error("intake of %s (%s) failed unexpectedly", owner or "an image", image_uri, exc_info=True)
+            message = f"internal error ({type(exc).__name__}); the traceback is in the log"
+            return IntakeFailure(image_uri, ItemError(code=ErrorCode.INTERNAL_ERROR, message=message))
+
+    def _prepare(self, image_uri: str) -> IntakeOutcome:
         sha256 = None
         try:
             fetched = self.fetcher.fetch(image_uri)
@@ -472,3 +520,13 @@ class ImageIntake:
         if executor is None or len(image_uris) <= 1:
             return [self.prepare(uri) for uri in image_uris]
         return list(executor.map(self.prepare, image_uris))
+
+    def prepare_jobs(self, jobs: Sequence[JobSpec], executor: Executor | None = None) -> list[IntakeOutcome]:
+        """prepare() for each job, in order; a failure is logged with the job's id and sku."""
+
+        def one(job: JobSpec) -> IntakeOutcome:
+            return self.prepare(job.image_uri, owner=f"job {job.job_id} sku {job.sku!r}")
+
+        if executor is None or len(jobs) <= 1:
+            return [one(job) for job in jobs]
+        return list(executor.map(one, jobs))

@@ -5,10 +5,13 @@ stopped halfway and started again with `skutag run --resume RUN` finishes what i
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -19,6 +22,27 @@ from pipeline.inference import BatchStats
 from pipeline.worker import HandleReport, JobHandler
 from pipeline.writer import InvalidResultError, ResultWriter, write_with_retry
 from schemas.results import ErrorCode, ItemError, JobSpec, TagResult, failed_result
+
+
+@contextlib.contextmanager
+def log_to_file(path: Path) -> Iterator[None]:
+    """Local mode's log: an unexpected item error's traceback (logged once, with the job id and
+    sku) goes to this file, never to the terminal the user is reading progress on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("skutag", "pipeline")]
+    before = [logger.propagate for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, propagate in zip(loggers, before, strict=True):
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+        handler.close()
 
 
 class WriterSink:

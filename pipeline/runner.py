@@ -10,6 +10,7 @@ out-of-memory.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -18,6 +19,8 @@ from pipeline.errors import InferenceError
 from pipeline.inference import BatchStats, ItemTags
 from schemas.images import IntakeFailure, IntakeOutcome, PreparedImage
 from schemas.results import ErrorCode, ItemError, JobSpec, Provenance, TagResult, cache_key, failed_result
+
+log = logging.getLogger("skutag.runner")
 
 
 class Tagger(Protocol):
@@ -98,14 +101,31 @@ def tag_batch(
 def _infer(engine: Tagger, work: list[tuple[JobSpec, PreparedImage]], batch: BatchOutcome, max_attempts: int) -> None:
     try:
         tags, stats = engine.tag_many([image for _, image in work])
-    except InferenceError as exc:
+    except InferenceError as exc:  # the batch's failure (device, time limit; OOM was split already)
         error = ItemError(code=ErrorCode.INFERENCE_FAILED, message=exc.message)
         for job, image in work:
             _fail_or_retry(batch, job, error, engine.provenance(job.run_id), max_attempts, image.sha256)
         return
+    except Exception as exc:  # a bug one image may trigger: find it by halves, so only it fails
+        _isolate(engine, work, batch, max_attempts, exc)
+        return
     batch.stats += stats
     for (job, image), item in zip(work, tags, strict=True):
         batch.results.append(tagged_result(job, image, item, engine.provenance(job.run_id)))
+
+
+def _isolate(
+    engine: Tagger, work: list[tuple[JobSpec, PreparedImage]], batch: BatchOutcome, max_attempts: int, exc: Exception
+) -> None:
+    if len(work) > 1:
+        middle = len(work) // 2
+        _infer(engine, work[:middle], batch, max_attempts)
+        _infer(engine, work[middle:], batch, max_attempts)
+        return
+    job, image = work[0]
+    log.error("tagging job %d sku %r failed unexpectedly", job.job_id, job.sku, exc_info=exc)
+    error = ItemError(code=ErrorCode.INTERNAL_ERROR, message=f"internal error ({type(exc).__name__}); see the log")
+    batch.results.append(failed_result(job, error, engine.provenance(job.run_id), image.sha256))
 
 
 def _fail_or_retry(

@@ -27,13 +27,13 @@ from sqlalchemy.engine import Engine
 
 from pipeline import ledger
 from pipeline.db import translated_errors
-from pipeline.errors import InferenceError
+from pipeline.errors import InferenceError, SkutagError
 from pipeline.images import ImageIntake
 from pipeline.inference import BatchStats, ItemTags, TaggingEngine
 from pipeline.runner import tag_batch
 from pipeline.settings import Settings
 from schemas.images import PreparedImage
-from schemas.results import ItemError, JobSpec, Provenance, TagResult, cache_key, failed_result
+from schemas.results import ErrorCode, ItemError, JobSpec, Provenance, TagResult, cache_key, failed_result
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,16 @@ class DynamicBatcher:
         images = [image for request in requests for image in request.images]
         try:
             tags, stats = self.engine.tag_many(images)
-        except Exception as exc:  # delivered to every waiting request; the thread lives on
+        except InferenceError as exc:  # the batch's own failure: every request in it shares it
             for request in requests:
                 request.future.set_exception(exc)
+            return
+        except Exception as exc:  # maybe one request's image: serve each alone, so only its owner sees it
+            if len(requests) > 1:
+                for request in requests:
+                    self._serve([request])
+            else:
+                requests[0].future.set_exception(exc)
             return
         # The batch's stats go with its first request only, so a merged batch is counted once
         # (metrics, reports); each image's share of the time already rides in its ItemTags.
@@ -180,12 +187,26 @@ class JobHandler:
         if not claim.claimed:
             self._finish(exhausted, [], sink, report)
             return report
-        outcomes = self.intake.prepare_many([job.image_uri for job in claim.claimed], self.pool)
-        cache = self._cache_for(claim.claimed, outcomes)
-        batch = tag_batch(self.tagger, claim.claimed, outcomes, cache, self.settings.max_attempts)
-        report.cache_hits, report.stats = batch.cache_hits, batch.stats
-        self._finish(exhausted + batch.results, batch.retries, sink, report)
+        try:
+            outcomes = self.intake.prepare_jobs(claim.claimed, self.pool)
+            cache = self._cache_for(claim.claimed, outcomes)
+            batch = tag_batch(self.tagger, claim.claimed, outcomes, cache, self.settings.max_attempts)
+            report.cache_hits, report.stats = batch.cache_hits, batch.stats
+            self._finish(exhausted + batch.results, batch.retries, sink, report)
+        except SkutagError:
+            raise  # retryable outages go back to the caller (Celery retries the message)
+        except Exception as exc:
+            self._release_after_bug(claim.claimed, exc)
         return report
+
+    def _release_after_bug(self, claimed: Sequence[JobSpec], exc: Exception) -> None:
+        """A bug outside any one item: only the jobs this delivery claimed go back to the queue, at
+        once and with the cause (not after their lease, not failed as attempts_exhausted without
+        one); their attempt was counted, so a bug that always strikes ends in max_attempts."""
+        log.error("handling %d claimed jobs failed unexpectedly; releasing them", len(claimed), exc_info=exc)
+        error = ItemError(code=ErrorCode.INTERNAL_ERROR, message=f"internal error ({type(exc).__name__}); see the log")
+        with translated_errors("releasing jobs after an internal error"), self.database.begin() as conn:
+            ledger.release_jobs(conn, [(job.job_id, error) for job in claimed])
 
     def _cache_for(self, jobs: Sequence[JobSpec], outcomes: Sequence[object]) -> dict[str, TagResult]:
         keys = [

@@ -19,6 +19,9 @@ SCHEMA_VERSION = 1
 
 
 class ErrorCode(StrEnum):
+    """Why an item failed. The set is documented in README ("Error codes"); keep the two in step."""
+
+    INVALID_URI = "invalid_uri"
     FETCH_FAILED = "fetch_failed"
     TIMEOUT = "timeout"
     TOO_LARGE = "too_large"
@@ -31,6 +34,7 @@ class ErrorCode(StrEnum):
     INFERENCE_FAILED = "inference_failed"
     INVALID_RESULT = "invalid_result"
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+    INTERNAL_ERROR = "internal_error"  # a bug: the traceback is in the log, with the job id and sku
 
 
 # Worth another attempt later; every other code fails the job at once.

@@ -45,7 +45,7 @@ def register_tag_task(app: Celery, handler: JobHandler, sink: CelerySink, metric
     @app.task(name=TAG_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
     def tag(self: Any, jobs: list[dict[str, Any]]) -> None:
         started = time.perf_counter()
-        specs = [JobSpec.model_validate(job) for job in jobs]
+        specs = valid_specs(jobs)
         try:
             report = handler.handle(specs, sink)
         except RetryableError as exc:
@@ -57,6 +57,18 @@ def register_tag_task(app: Celery, handler: JobHandler, sink: CelerySink, metric
             report.received, report.results, report.cache_hits, report.retried, report.skipped,
             (time.perf_counter() - started) * 1000,
         )  # fmt: skip
+
+
+def valid_specs(jobs: object) -> list[JobSpec]:
+    """The well-formed jobs of a message; a malformed entry is logged and left to the reconciler
+    (its ledger row is still queued), never allowed to fail its neighbours."""
+    specs = []
+    for job in jobs if isinstance(jobs, list) else []:
+        try:
+            specs.append(JobSpec.model_validate(job))
+        except ValidationError as exc:
+            log.error("dropped a malformed job in a message: %s", str(exc).splitlines()[0])
+    return specs
 
 
 def run_gpu_worker(settings: Settings, queues: Sequence[str], concurrency: int, loglevel: str = "INFO") -> None:
