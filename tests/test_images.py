@@ -422,6 +422,12 @@ def test_conditional_requests(server: str) -> None:
     assert again.not_modified and again.data == b""
 
 
-def test_unresolvable_host_is_a_fetch_failure() -> None:
+def test_unresolvable_host_is_a_fetch_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    def no_such_name(host: str, *args: Any, **kwargs: Any) -> Any:  # a resolver stub: tests ask no DNS
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
     outcome = http_intake().prepare("http://no-such-host.invalid/a.jpg")
     assert failure_code(outcome) == ErrorCode.FETCH_FAILED
