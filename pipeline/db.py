@@ -10,7 +10,11 @@ Tables, in the order a job flows through them:
                      content-keyed cache (cache_key = image sha256 + model/prompt/taxonomy versions)
     tag_sets         the current result per sku (status, summary, versions)
     tags             the current model value per (sku, attribute), with confidence and runner-up
-    reviews          a person's value per (sku, attribute); overrides the model's, never deletes it
+    reviews          the append-only log of a person's decisions (validated by the database)
+    review_decisions the decision in force per (sku, attribute); overrides the model's value for
+                     the image the reviewer saw, never deletes it
+    review_tasks     the review queue: attributes to decide (low confidence, audit sample, ...),
+    review_items       grouped per sku, with a short claim so two reviewers never share one
     taxonomy_values  labels and synonyms of every value, per taxonomy version, for consumers
     listing_mismatches  where a listing's title or category hint contradicts a confident tag
 The views sku_tags_current, sku_tags_json and listing_issues (see migrations/) are the consumer contract.
@@ -192,16 +196,87 @@ tags = sa.Table(
     sa.Index("ix_tags_attribute_value", "attribute", "value"),
 )
 
+REVIEW_ACTIONS = ("accept", "correct", "not_visible", "undo")
+
+review_reasons = sa.Table(
+    "review_reasons",
+    metadata,
+    sa.Column("reason", sa.Text, primary_key=True),
+    sa.Column("description", sa.Text, nullable=False),
+)
+
+# The append-only log of human decisions (triggers in migrations/versions/0003_review_log.py refuse UPDATE, DELETE and
+# values outside the taxonomy, and keep review_decisions and the queue in step with it).
 reviews = sa.Table(
     "reviews",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("sku", sa.Text, nullable=False),
+    sa.Column("attribute", sa.Text, nullable=False),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("value", sa.Text, doc="The value decided; NULL only for an undo back to the model's."),
+    sa.Column("value_before", sa.Text, doc="The value in force when the reviewer decided."),
+    sa.Column("image_sha256", sa.Text, nullable=False, doc="The image the person looked at; a new image voids it."),
+    sa.Column("job_id", BigId, doc="The result whose tags were shown."),
+    sa.Column("taxonomy_version", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, sa.ForeignKey("review_reasons.reason"), nullable=False),
+    sa.Column("reviewer", sa.Text, nullable=False),
+    sa.Column("blind", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("undoes", BigId, sa.ForeignKey("reviews.id")),
+    sa.Column("note", sa.Text),
+    sa.Column("reviewed_at", Timestamp, nullable=False),
+    sa.CheckConstraint(_one_of("action", REVIEW_ACTIONS), name="action"),
+    sa.CheckConstraint("value IS NOT NULL OR action = 'undo'", name="value"),
+    sa.CheckConstraint("undoes IS NOT NULL OR action <> 'undo'", name="undo"),
+    sa.CheckConstraint("length(image_sha256) > 0 AND length(reviewer) > 0", name="present"),
+    sa.Index("ix_reviews_sku_attribute", "sku", "attribute", "id"),
+    sa.Index("ix_reviews_reason_id", "reason", "id"),
+)
+
+# The decision in force per (sku, attribute): the newest review, for the image it names.
+review_decisions = sa.Table(
+    "review_decisions",
     metadata,
     sa.Column("sku", sa.Text, primary_key=True),
     sa.Column("attribute", sa.Text, primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
-    sa.Column("image_sha256", sa.Text, doc="The image the person looked at; a new image voids it."),
+    sa.Column("image_sha256", sa.Text, nullable=False),
+    sa.Column("review_id", BigId, nullable=False),
     sa.Column("reviewer", sa.Text, nullable=False),
-    sa.Column("note", sa.Text),
     sa.Column("reviewed_at", Timestamp, nullable=False),
+)
+
+# The review queue: one open task per (sku, attribute) to decide, grouped into one item per sku
+# (what a reviewer opens), ordered by the lowest confidence among its open tasks.
+review_tasks = sa.Table(
+    "review_tasks",
+    metadata,
+    sa.Column("sku", sa.Text, primary_key=True),
+    sa.Column("attribute", sa.Text, primary_key=True),
+    sa.Column("reason", sa.Text, sa.ForeignKey("review_reasons.reason"), nullable=False),
+    sa.Column("confidence", sa.Float, nullable=False),
+    sa.Column("job_id", BigId, nullable=False),
+    sa.Column("image_sha256", sa.Text, nullable=False),
+    sa.Column("blind", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Index("ix_review_tasks_attribute_confidence", "attribute", "confidence", "sku"),
+)
+
+review_items = sa.Table(
+    "review_items",
+    metadata,
+    sa.Column("sku", sa.Text, primary_key=True),
+    sa.Column("job_id", BigId, nullable=False),
+    sa.Column("run_id", BigId, nullable=False),
+    sa.Column("category", sa.Text),
+    sa.Column("image_sha256", sa.Text, nullable=False),
+    sa.Column("min_confidence", sa.Float, nullable=False),
+    sa.Column("open_tasks", sa.Integer, nullable=False),
+    sa.Column("claimed_by", sa.Text, doc="A reviewer holds the item until claimed_until."),
+    sa.Column("claimed_until", Timestamp),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Index("ix_review_items_min_confidence", "min_confidence", "sku"),
+    sa.Index("ix_review_items_run_id", "run_id", "min_confidence", "sku"),
 )
 
 taxonomy_values = sa.Table(

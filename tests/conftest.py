@@ -96,7 +96,10 @@ def migrated_postgres_url(postgres_admin: Engine) -> Iterator[str]:
     drop_database(postgres_admin, url)
 
 
-TABLES = ("listing_mismatches", "taxonomy_values", "reviews", "tags", "tag_sets", "results", "jobs", "runs", "items")
+TABLES = (
+    "listing_mismatches", "taxonomy_values", "reviews", "review_decisions", "review_tasks", "review_items",
+    "tags", "tag_sets", "results", "jobs", "runs", "items",
+)  # fmt: skip
 
 
 @pytest.fixture

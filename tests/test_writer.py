@@ -174,11 +174,18 @@ def test_consumer_views_prefer_a_review_of_the_same_image(engine: Engine, taxono
     with engine.begin() as conn:
         conn.execute(
             sa.text(
-                "INSERT INTO reviews (sku, attribute, value, image_sha256, reviewer, reviewed_at) "
-                "VALUES (:sku, 'pattern', 'floral', :sha, 'ana', :at), "
-                "(:sku2, 'pattern', 'floral', 'old-image', 'ana', :at)"
+                "INSERT INTO reviews (sku, attribute, action, value, image_sha256, taxonomy_version, reason,"
+                " reviewer, reviewed_at) "
+                "VALUES (:sku, 'pattern', 'correct', 'floral', :sha, :tv, 'manual', 'ana', :at), "
+                "(:sku2, 'pattern', 'correct', 'floral', 'old-image', :tv, 'manual', 'ana', :at)"
             ),
-            {"sku": reviewed.sku, "sha": reviewed.image_sha256, "sku2": other.sku, "at": datetime.now(UTC)},
+            {
+                "sku": reviewed.sku,
+                "sha": reviewed.image_sha256,
+                "sku2": other.sku,
+                "at": datetime.now(UTC),
+                "tv": taxonomy.version,
+            },
         )
     with engine.connect() as conn:
         rows = {
