@@ -20,6 +20,7 @@ Safety, in the order it is checked:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -44,6 +45,7 @@ from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from pipeline import deadline
 from pipeline.addresses import AllowedHosts, IPAddress, forbidden_reason
+from pipeline.pixel_budget import CONVERTED_BEFORE_REDUCE, PixelBudget, decoded_bytes
 from pipeline.settings import Settings
 from schemas.images import FetchedImage, IntakeFailure, IntakeOutcome, PreparedImage
 from schemas.results import ErrorCode, ItemError, JobSpec
@@ -338,6 +340,7 @@ class DecodePolicy:
     formats: tuple[str, ...]
     max_pixels: int
     min_decode_ratio: float = 1.0
+    budget: PixelBudget | None = None  # shared by the threads of one ImageIntake
 
 
 def identify_format(data: bytes) -> str | None:
@@ -361,7 +364,9 @@ def decode(data: bytes, policy: DecodePolicy) -> tuple[np.ndarray, str, tuple[in
     try:
         with Image.open(BytesIO(data), formats=list(policy.formats)) as image:
             source_size, source_format = image.size, str(image.format)  # before draft scales it
-            return _square(image, policy), source_format, source_size
+            bits = _sample_bits(image)
+            small, orientation = _decode_reduced(image, policy)
+        return _finish_square(small, orientation, bits, policy), source_format, source_size
     except IntakeError:
         raise
     except UnidentifiedImageError as exc:
@@ -379,7 +384,9 @@ def decode(data: bytes, policy: DecodePolicy) -> tuple[np.ndarray, str, tuple[in
         raise IntakeError(ErrorCode.CORRUPT, f"image data is corrupt ({type(exc).__name__}: {exc})") from exc
 
 
-def _square(image: Image.Image, policy: DecodePolicy) -> np.ndarray:
+def _decode_reduced(image: Image.Image, policy: DecodePolicy) -> tuple[Image.Image, int]:
+    """The part of the image the engine will see, reduced to under twice its input side, and the
+    EXIF orientation. The full-size pixels exist only inside this call, under the pixel budget."""
     width, height = image.size
     if width * height > policy.max_pixels:
         raise IntakeError(ErrorCode.DECOMPRESSION_BOMB, f"{width}x{height} is over the {policy.max_pixels} pixel cap")
@@ -388,11 +395,48 @@ def _square(image: Image.Image, policy: DecodePolicy) -> np.ndarray:
     image.seek(0)  # animated formats: the first frame
     if image.format in {"JPEG", "MPO"}:
         _draft(image, policy)
-    image.load()
-    orientation = _orientation(image)  # after load: reading EXIF may load (PNG), hiding a decode error
-    if policy.fit == "crop":
-        image = image.crop(_center_square(image.size))
-    rgb = _to_rgb(image)
+    hold = policy.budget.hold(decoded_bytes(image)) if policy.budget else contextlib.nullcontext()
+    with hold:
+        image.load()
+        orientation = _orientation(image)  # after load: reading EXIF may load (PNG), hiding a decode error
+        small = _reduce(image, policy)
+        image.close()  # frees the full-size pixels now, inside the budget, not when the caller lets go
+    return small, orientation
+
+
+def _reduce(image: Image.Image, policy: DecodePolicy) -> Image.Image:
+    """Box-reduce by the largest whole factor that keeps the needed side >= policy.side: the
+    result is under 2 x side per side (under 1.8 MB at 384), whatever the source's size. The
+    engine's exact resize to its input stays on the device, batched."""
+    box = _center_square(image.size) if policy.fit == "crop" else (0, 0, *image.size)
+    needed = max(box[2] - box[0], box[3] - box[1])
+    factor = needed // policy.side
+    if factor <= 1:
+        return image.crop(box)
+    if image.mode in CONVERTED_BEFORE_REDUCE:
+        image = image.convert(_reducible_mode(image))
+    return image.reduce(factor, box=box)
+
+
+def _reducible_mode(image: Image.Image) -> str:
+    if image.mode.startswith("I;16"):
+        return "I"  # keeps the 16-bit values; _to_rgb scales them
+    if image.mode == "1":
+        return "L"
+    transparent = image.mode == "PA" or "transparency" in image.info
+    return "RGBA" if transparent else "RGB"
+
+
+def _sample_bits(image: Image.Image) -> int | None:
+    """The depth the file declares for integer gray samples, when Pillow's mode does not say it
+    (a 16-bit PNG may hold only small values: a dark image, not an 8-bit one)."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        return 16
+    return None
+
+
+def _finish_square(image: Image.Image, orientation: int, bits: int | None, policy: DecodePolicy) -> np.ndarray:
+    rgb = _to_rgb(image, bits)
     if policy.fit == "pad":
         rgb = _pad_square(rgb)
     if orientation in TRANSPOSE_FOR_ORIENTATION:
@@ -426,12 +470,12 @@ def _center_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_rgb(image: Image.Image, bits: int | None = None) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
     if mode in {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}:
-        return _high_depth_to_rgb(image)
+        return _high_depth_to_rgb(image, bits)
     has_alpha = mode in {"RGBA", "LA", "PA", "RGBa", "La"} or (mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
@@ -441,10 +485,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+def _high_depth_to_rgb(image: Image.Image, bits: int | None) -> Image.Image:
     values = np.asarray(image, dtype=np.float64)
     peak = float(values.max()) if values.size else 0.0
-    if peak > 255:  # 16-bit samples
+    if bits == 16 or (bits is None and peak > 255):  # 16-bit samples; unknown depth: guess from the data
         values = values / 257.0
     elif image.mode == "F" and peak <= 1.0:
         values = values * 255.0
@@ -476,6 +520,7 @@ class ImageIntake:
             formats=tuple(settings.image_formats),
             max_pixels=settings.max_image_pixels,
             min_decode_ratio=settings.image_decode_min_ratio,
+            budget=PixelBudget(settings.decode_budget_mb * 2**20),
         )
 
     def close(self) -> None:

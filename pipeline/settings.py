@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     image_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF"])
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(60_000_000, ge=1)
+    decode_budget_mb: int = Field(
+        256, ge=16,
+        description="Full-size decoded pixels one process's intake threads may hold at once; an image that "
+        "needs more decodes alone. Peak intake memory is the larger of this and the largest image.",
+    )  # fmt: skip
     fetch_connect_timeout_s: float = Field(3.0, gt=0)
     fetch_read_timeout_s: float = Field(5.0, gt=0)
     fetch_total_timeout_s: float = Field(15.0, gt=0)
