@@ -383,17 +383,39 @@ def submit(ctx: click.Context, catalog: Any) -> None:
         sys.exit(2)
 
 
-@main.command("worker")
+CELERY_PASSTHROUGH = {"ignore_unknown_options": True}
+
+
+def celery_worker_options(command: Any) -> Any:
+    """--events, and any `celery worker` option after the command's own (e.g. --loglevel=DEBUG)."""
+    events = click.option(
+        "--events", "worker_events", is_flag=True, default=None,
+        help="Send task events for `celery events` and Flower (SKUTAG_WORKER_EVENTS).",
+    )  # fmt: skip
+    passthrough = click.argument("celery_args", nargs=-1, type=click.UNPROCESSED, metavar="[CELERY WORKER OPTIONS]")
+    return events(metrics_port_option(passthrough(command)))
+
+
+def metrics_port_option(command: Any) -> Any:
+    return click.option(
+        "--metrics-port", type=int, help="Serve Prometheus metrics on this port (SKUTAG_METRICS_PORT)."
+    )(command)
+
+
+@main.command("worker", context_settings=CELERY_PASSTHROUGH)
 @model_options
 @click.option("--queues", default="new,backfill", show_default=True, help="Which job queues to consume, in order.")
 @click.option(
     "--concurrency", "worker_concurrency", type=int, help="Messages worked on at once (SKUTAG_WORKER_CONCURRENCY)."
 )
 @click.option("--batch-size", type=int, help="Images per GPU batch (SKUTAG_BATCH_SIZE).")
+@celery_worker_options
 @click.pass_context
-def worker_command(ctx: click.Context, /, queues: str, **overrides: Any) -> None:
-    """Run a GPU worker: load the model once, then tag jobs from Redis until stopped (SIGTERM
-    finishes the running batches first). Start one per GPU."""
+def worker_command(ctx: click.Context, /, queues: str, celery_args: tuple[str, ...], **overrides: Any) -> None:
+    """Run a GPU worker: load the model once, then tag jobs from the broker until stopped (SIGTERM
+    finishes the running batches first). Start one per GPU. Options skutag does not know go to
+    `celery worker`, e.g. `skutag worker --events --loglevel=DEBUG --max-memory-per-child=...`.
+    `celery -A workers.app inspect ping` (or `events`, or Flower) then sees it."""
     from workers.app import QUEUES
     from workers.tasks import run_gpu_worker
 
@@ -406,21 +428,29 @@ def worker_command(ctx: click.Context, /, queues: str, **overrides: Any) -> None
             f"unknown queue {unknown[0]!r}; choose from {', '.join(QUEUES)}", param_hint="--queues"
         )
     _log_to_stderr()
-    run_gpu_worker(settings, [QUEUES[name] for name in names], settings.worker_concurrency)
+    run_gpu_worker(settings, [QUEUES[name] for name in names], settings.worker_concurrency, celery_args)
 
 
-@main.command("writer")
+@main.command("writer", context_settings=CELERY_PASSTHROUGH)
 @click.option("--no-reconcile", is_flag=True, help="Do not run the periodic reconciler in this writer.")
+@celery_worker_options
 @click.pass_context
-def writer_command(ctx: click.Context, no_reconcile: bool) -> None:
-    """Run a writer: bulk-write result batches from Redis into the database, and reconcile the
-    ledger with the broker every SKUTAG_RECONCILE_INTERVAL_S seconds."""
+def writer_command(
+    ctx: click.Context,
+    no_reconcile: bool,
+    celery_args: tuple[str, ...],
+    worker_events: bool | None,
+    metrics_port: int | None,
+) -> None:
+    """Run a writer: bulk-write result batches from the broker into the database, and reconcile the
+    ledger with the broker every SKUTAG_RECONCILE_INTERVAL_S seconds. Options skutag does not
+    know go to `celery worker`."""
     from workers.tasks import run_writer
 
-    settings = settings_from(ctx)
+    settings = settings_from(ctx, worker_events=worker_events, metrics_port=metrics_port)
     _database(settings).dispose()
     _log_to_stderr()
-    run_writer(settings, reconcile_periodically=not no_reconcile)
+    run_writer(settings, reconcile_periodically=not no_reconcile, celery_args=celery_args)
 
 
 def _log_to_stderr() -> None:
@@ -699,6 +729,9 @@ def _run_local(settings: Settings, catalog: Any, resume_run: int | None, console
 @click.option("--no-wait", is_flag=True, help="Publish what fits now and exit; the next backfill continues the run.")
 @click.option("--summary", "summary_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the JSON summary to this file.")  # fmt: skip
+@click.option("--pushgateway", metavar="URL",
+              help="Push the final metrics to this Prometheus Pushgateway (job skutag_backfill).")  # fmt: skip
+@metrics_port_option
 @model_options
 @click.pass_context
 def backfill(
@@ -711,6 +744,7 @@ def backfill(
     dry_run: bool,
     no_wait: bool,
     summary_path: Path | None,
+    pushgateway: str | None,
     **overrides: Any,
 ) -> None:
     """Re-tag what changed since the last run: new items, changed images, new model / prompt /
@@ -726,7 +760,7 @@ def backfill(
     from pipeline.backfill import BackfillOptions, DryRun, refresh_from_query, refresh_from_rows, run_backfill
     from pipeline.catalog import read_catalog
     from pipeline.db import make_engine
-    from pipeline.metrics import BackfillMetrics, serve
+    from pipeline.metrics import BackfillMetrics, push, serve
     from schemas.taxonomy import load_taxonomy
     from workers.app import CeleryPublisher, create_app
 
@@ -750,6 +784,8 @@ def backfill(
     result = run_backfill(settings, load_taxonomy(settings.taxonomy_path), database, publisher, options, refresh,
                           on_progress=_backfill_progress(metrics))  # fmt: skip
     _report_bad_rows(bad_rows)
+    if pushgateway and not dry_run:
+        _push_final(metrics, result, pushgateway, push)
     document = _backfill_document(result)
     text = json.dumps(document, indent=2)
     click.echo(text)
@@ -757,6 +793,19 @@ def backfill(
         summary_path.write_text(text + "\n")
     if not isinstance(result, DryRun):
         sys.exit(EXIT_FOR_STATE.get(result.state, 0))
+
+
+def _push_final(metrics: Any, result: Any, gateway: str, push: Any) -> None:
+    """The cron process ends here: hand its last figures to the Pushgateway. A failed push is
+    reported, not fatal: the run's own exit code matters more to cron than its metrics."""
+    from pipeline.errors import RetryableError
+
+    by_state = result.jobs_by_state
+    metrics.update(by_state, by_state.get("queued", 0) + by_state.get("running", 0), 0)
+    try:
+        push(gateway, metrics.registry)
+    except RetryableError as exc:
+        err_console.print(f"[yellow]warning:[/yellow] {exc.message}", markup=True)
 
 
 def _backfill_progress(metrics: Any) -> Any:

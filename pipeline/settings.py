@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     # --- operations -----------------------------------------------------------------------
     work_dir: Path = Field(Path(".skutag"), description="Tiny model, demo catalog, caches.")
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    worker_events: bool = Field(
+        False, description="Workers send task events (celery events, Flower); also `skutag worker --events`."
+    )
 
     @field_validator("image_size")
     @classmethod

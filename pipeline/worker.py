@@ -156,6 +156,8 @@ class HandleReport:
     cache_hits: int = 0
     stats: list[BatchStats] = field(default_factory=list)
     outcomes: dict[str, int] = field(default_factory=dict)  # results by status, cache hits included
+    failure_codes: dict[str, int] = field(default_factory=dict)  # failed results by error code
+    retry_codes: dict[str, int] = field(default_factory=dict)  # retryable failures by error code
 
 
 class JobHandler:
@@ -229,6 +231,10 @@ class JobHandler:
         report.results = len(results)
         for result in results:
             report.outcomes[result.status] = report.outcomes.get(result.status, 0) + 1
+            if result.status == "failed" and result.error is not None:
+                report.failure_codes[result.error.code] = report.failure_codes.get(result.error.code, 0) + 1
+        for _, error in retries:
+            report.retry_codes[error.code] = report.retry_codes.get(error.code, 0) + 1
         if retries:
             # Back to the queue with no message: the reconciler (new jobs) or the backfill (its own)
             # publishes them on its next round, which is the retry's back-off.

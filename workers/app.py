@@ -1,11 +1,15 @@
 """Celery wiring: the app, its queues and delivery settings, and the broker-facing adapters
 (publisher, result sink). The one place Celery/kombu/redis errors are translated.
 
-Queues:
-    skutag.new        jobs from `skutag submit` (and retries)
-    skutag.backfill   jobs from `skutag backfill` (bounded by the backfill's backpressure)
-    skutag.write      result batches for the writer
+Queues and tasks:
+    skutag.new        task skutag.tag: jobs from `skutag submit` (and retries)
+    skutag.backfill   task skutag.tag: jobs from `skutag backfill` (bounded by its backpressure)
+    skutag.write      task skutag.write_results: result batches for the writer
 A GPU worker consumes skutag.new and skutag.backfill; a writer consumes skutag.write.
+
+`app` below is for Celery's own tools (`celery -A workers.app inspect ping`, `... events`,
+Flower): it reads the SKUTAG_* settings the first time its configuration is used, not at import.
+Workers are started with `skutag worker` / `skutag writer`, which build their own app.
 
 Delivery: at least once. acks_late + reject_on_worker_lost put a message back when its worker
 dies; the visibility timeout is above the job lease, so a slow batch is not redelivered while
@@ -20,11 +24,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
+from amqp.exceptions import AMQPError, NotFound
 from celery import Celery
-from kombu.exceptions import KombuError
+from kombu import Connection
+from kombu.exceptions import ChannelError, KombuError
 
 from pipeline.errors import RetryableError
-from pipeline.settings import Settings
+from pipeline.settings import Settings, load_settings
 from schemas.results import JobSpec, TagResult
 
 QUEUE_NEW = "skutag.new"
@@ -37,24 +43,43 @@ WRITE_TASK = "skutag.write_results"
 
 def create_app(settings: Settings) -> Celery:
     """A Celery app for these settings. Built where used (CLI, worker, tests), never at import."""
-    app = Celery("skutag", broker=settings.broker_url, set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        result_backend=None,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": max(2 * settings.lease_s, 10)},
-        broker_connection_retry_on_startup=True,
-        broker_connection_max_retries=None,
-        worker_hijack_root_logger=False,
-        worker_cancel_long_running_tasks_on_connection_loss=False,
-        task_default_queue=QUEUE_NEW,
-        task_routes={TAG_TASK: {"queue": QUEUE_NEW}, WRITE_TASK: {"queue": QUEUE_WRITE}},
-    )
+    app = Celery("skutag", set_as_current=False)
+    app.conf.update(celery_config(settings))
     return app
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.broker_url,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": {"visibility_timeout": max(2 * settings.lease_s, 10)},
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "task_default_queue": QUEUE_NEW,
+        "task_routes": {TAG_TASK: {"queue": QUEUE_NEW}, WRITE_TASK: {"queue": QUEUE_WRITE}},
+        # Monitoring (celery events, Flower): heartbeats always; task events when asked for.
+        "worker_send_task_events": settings.worker_events,
+        "task_send_sent_event": settings.worker_events,
+    }
+
+
+def environment_app() -> Celery:
+    """An app that reads the SKUTAG_* settings when its configuration is first used, not before."""
+    lazy = Celery("skutag", set_as_current=False)
+    lazy.add_defaults(lambda: celery_config(load_settings()))
+    return lazy
+
+
+# What `celery -A workers.app ...` and Flower find. Importing it reads nothing and connects nowhere.
+app = environment_app()
 
 
 def job_message(job: JobSpec) -> dict[str, Any]:
@@ -115,12 +140,22 @@ class CelerySink:
 
 
 def queue_depths(settings: Settings) -> dict[str, int]:
-    """Messages waiting in each queue (not those a worker holds unacked)."""
+    """Messages waiting in each queue (not those a worker holds unacked), on Redis or RabbitMQ:
+    a passive queue declare, which both transports answer with the queue's message count."""
+    depths: dict[str, int] = {}
     try:
-        client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
-        try:
-            return {name: int(client.llen(name)) for name in (QUEUE_NEW, QUEUE_BACKFILL, QUEUE_WRITE)}
-        finally:
-            client.close()
-    except redis.RedisError as exc:
+        with Connection(settings.broker_url, connect_timeout=5) as connection:
+            for name in (QUEUE_NEW, QUEUE_BACKFILL, QUEUE_WRITE):
+                depths[name] = _depth(connection, name)
+    except (KombuError, OSError, redis.RedisError, AMQPError) as exc:
         raise RetryableError(f"broker unreachable at {settings.broker_url}: {exc}") from exc
+    return depths
+
+
+def _depth(connection: Connection, queue: str) -> int:
+    # A channel per queue: AMQP closes the channel when a passive declare finds no queue.
+    with connection.channel() as channel:
+        try:
+            return int(channel.queue_declare(queue=queue, passive=True).message_count)
+        except (ChannelError, NotFound):  # not declared yet (no worker has started): nothing waits in it
+            return 0

@@ -29,7 +29,7 @@ from pipeline.errors import RetryableError, SkutagError
 from pipeline.inference import TaggingEngine, load_model
 from pipeline.listing import ListingChecker
 from pipeline.local import write_valid
-from pipeline.metrics import WorkerMetrics, serve
+from pipeline.metrics import WorkerMetrics, WriterMetrics, serve
 from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
 from pipeline.worker import JobHandler
@@ -38,7 +38,10 @@ from schemas.results import JobSpec, TagResult
 from schemas.taxonomy import load_taxonomy
 from workers.app import QUEUE_WRITE, TAG_TASK, WRITE_TASK, CeleryPublisher, CelerySink, create_app, queue_depths
 
+# Each process logs under its own name, so a shared log stream can be filtered by role.
 log = logging.getLogger("skutag.worker")
+writer_log = logging.getLogger("skutag.writer")
+reconcile_log = logging.getLogger("skutag.reconcile")
 
 
 def register_tag_task(app: Celery, handler: JobHandler, sink: CelerySink, metrics: WorkerMetrics) -> None:
@@ -71,7 +74,18 @@ def valid_specs(jobs: object) -> list[JobSpec]:
     return specs
 
 
-def run_gpu_worker(settings: Settings, queues: Sequence[str], concurrency: int, loglevel: str = "INFO") -> None:
+def worker_argv(settings: Settings, role: str, options: Sequence[str], celery_args: Sequence[str]) -> list[str]:
+    """`celery worker` arguments: skutag's, then the operator's (later options win in Celery's parser).
+    Heartbeats stay on (Flower and `celery events` need them); --events turns on task events."""
+    argv = ["worker", *options, f"--hostname=skutag-{role}-{os.getpid()}@%h", "--loglevel=INFO"]
+    if settings.worker_events:
+        argv.append("--task-events")
+    return [*argv, *celery_args]
+
+
+def run_gpu_worker(
+    settings: Settings, queues: Sequence[str], concurrency: int, celery_args: Sequence[str] = ()
+) -> None:
     """Load the model, then consume until stopped (SIGTERM: finish running batches, then exit)."""
     app = create_app(settings)
     taxonomy = load_taxonomy(settings.taxonomy_path)
@@ -83,16 +97,14 @@ def run_gpu_worker(settings: Settings, queues: Sequence[str], concurrency: int, 
     register_tag_task(app, handler, CelerySink(app, settings), metrics)
     log.info("model %s (%s) loaded; consuming %s", settings.model, settings.quantization, ", ".join(queues))
     try:
-        app.worker_main(
-            argv=["worker", "--pool=threads", f"--concurrency={concurrency}", f"--queues={','.join(queues)}",
-                  "--prefetch-multiplier=1", "--without-gossip", "--without-mingle", "--without-heartbeat",
-                  f"--loglevel={loglevel}", f"--hostname=skutag-gpu-{os.getpid()}@%h"]
-        )  # fmt: skip
+        options = ["--pool=threads", f"--concurrency={concurrency}", f"--queues={','.join(queues)}",
+                   "--prefetch-multiplier=1"]  # fmt: skip
+        app.worker_main(argv=worker_argv(settings, "gpu", options, celery_args))
     finally:
         handler.close()
 
 
-def register_write_task(app: Celery, writer: ResultWriter, settings: Settings) -> None:
+def register_write_task(app: Celery, writer: ResultWriter, settings: Settings, metrics: WriterMetrics) -> None:
     @app.task(  # type: ignore[untyped-decorator]
         name=WRITE_TASK,
         base=Batches,
@@ -106,24 +118,34 @@ def register_write_task(app: Celery, writer: ResultWriter, settings: Settings) -
             try:
                 results += [TagResult.model_validate(item) for item in request.args[0]]
             except (ValidationError, IndexError, TypeError) as exc:  # the jobs' leases will bring them back
-                log.error("dropped a malformed result message: %s", str(exc).splitlines()[0])
+                metrics.dropped.inc()
+                writer_log.error("dropped a malformed result message: %s", str(exc).splitlines()[0])
         if not results:
             return
+        started = time.perf_counter()
         try:
             write_valid(writer, results)
         except RetryableError as exc:
-            log.error("could not write %d results (%s): putting them back on the queue", len(results), exc.message)
-            _requeue(app, requests)
+            writer_log.error(
+                "could not write %d results (%s): putting them back on the queue", len(results), exc.message
+            )
+            metrics.requeued.inc(_requeue(app, requests))
             return
-        log.info("wrote %d results from %d messages", len(results), len(requests))
+        metrics.write_seconds.observe(time.perf_counter() - started)
+        metrics.written.inc(len(results))
+        writer_log.info("wrote %d results from %d messages", len(results), len(requests))
 
 
-def _requeue(app: Celery, requests: Sequence[Any]) -> None:
+def _requeue(app: Celery, requests: Sequence[Any]) -> int:
+    """Put the messages back; returns how many made it."""
+    sent = 0
     try:
         for request in requests:
             app.send_task(WRITE_TASK, args=request.args, queue=QUEUE_WRITE)
+            sent += 1
     except Exception:  # broker down as well: the ledger's leases bring the jobs back
-        log.exception("could not put results back on the queue; the reconciler will re-run their jobs")
+        writer_log.exception("could not put results back on the queue; the reconciler will re-run their jobs")
+    return sent
 
 
 def _reconcile_forever(stop: threading.Event, settings: Settings, app: Celery) -> None:
@@ -133,32 +155,35 @@ def _reconcile_forever(stop: threading.Event, settings: Settings, app: Celery) -
         try:
             report = reconcile(database, publisher, settings)
         except SkutagError as exc:
-            log.warning("reconcile failed, will try again: %s", exc.message)
+            reconcile_log.warning("reconcile failed, will try again: %s", exc.message)
             continue
         if report.expired_leases or report.lost_messages or report.published:
-            log.info(
+            reconcile_log.info(
                 "reconcile: %d expired leases, %d lost messages, %d jobs published",
                 report.expired_leases, report.lost_messages, report.published,
             )  # fmt: skip
 
 
-def run_writer(settings: Settings, loglevel: str = "INFO", reconcile_periodically: bool = True) -> None:
+def run_writer(settings: Settings, reconcile_periodically: bool = True, celery_args: Sequence[str] = ()) -> None:
     app = create_app(settings)
     taxonomy = load_taxonomy(settings.taxonomy_path)
     listing = ListingChecker.from_settings(settings, taxonomy)
     writer = ResultWriter(make_engine(settings.database_url), taxonomy, settings.notify_channel, listing)
-    register_write_task(app, writer, settings)
+    metrics = WriterMetrics()
+    metrics.watch_queues(lambda: queue_depths(settings))
+    serve(settings.metrics_port, metrics.registry)
+    register_write_task(app, writer, settings, metrics)
     stop = threading.Event()
     if reconcile_periodically:
         threading.Thread(
             target=_reconcile_forever, args=(stop, settings, app), name="skutag-reconcile", daemon=True
         ).start()
     try:
-        app.worker_main(
-            argv=["worker", "--pool=solo", f"--queues={QUEUE_WRITE}",
-                  f"--prefetch-multiplier={2 * settings.writer_batch_messages}", "--without-gossip",
-                  "--without-mingle", "--without-heartbeat", f"--loglevel={loglevel}",
-                  f"--hostname=skutag-writer-{os.getpid()}@%h"]
-        )  # fmt: skip
+        options = [
+            "--pool=solo",
+            f"--queues={QUEUE_WRITE}",
+            f"--prefetch-multiplier={2 * settings.writer_batch_messages}",
+        ]
+        app.worker_main(argv=worker_argv(settings, "writer", options, celery_args))
     finally:
         stop.set()
