@@ -44,7 +44,7 @@ from pipeline.worker import JobPublisher
 from schemas.results import RETRYABLE_CODES, ErrorCode, JobSpec
 from schemas.taxonomy import Taxonomy
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("skutag.backfill")
 
 BACKFILL_LOCK = 0x5C07B1
 QUEUE = "backfill"

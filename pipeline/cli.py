@@ -427,7 +427,7 @@ def worker_command(ctx: click.Context, /, queues: str, celery_args: tuple[str, .
         raise click.BadParameter(
             f"unknown queue {unknown[0]!r}; choose from {', '.join(QUEUES)}", param_hint="--queues"
         )
-    _log_to_stderr()
+    _log_to_stderr("worker", settings)
     run_gpu_worker(settings, [QUEUES[name] for name in names], settings.worker_concurrency, celery_args)
 
 
@@ -449,14 +449,14 @@ def writer_command(
 
     settings = settings_from(ctx, worker_events=worker_events, metrics_port=metrics_port)
     _database(settings).dispose()
-    _log_to_stderr()
+    _log_to_stderr("writer", settings)
     run_writer(settings, reconcile_periodically=not no_reconcile, celery_args=celery_args)
 
 
-def _log_to_stderr() -> None:
-    import logging
+def _log_to_stderr(service: str, settings: Settings) -> None:
+    from pipeline.logs import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(service, settings.log_format)
 
 
 @main.command()
@@ -485,45 +485,65 @@ EXIT_FOR_STATE = {"done": 0, "partial": EXIT_PARTIAL, "failed": EXIT_FAILED, "ca
 @main.command()
 @click.argument("run_id", type=int)
 @click.option("--once", is_flag=True, help="Print the counts once as JSON instead of following the run.")
-@click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes (and between piped lines).")
 @click.pass_context
 def status(ctx: click.Context, run_id: int, once: bool, interval: float) -> None:
-    """Follow RUN with a live progress bar until it ends. Exit code: 0 done, 4 partly failed,
-    5 all failed (with --once: the same, or 0 while it still runs)."""
+    """Follow RUN until it ends: a live bar on a terminal, a progress line per change when piped
+    (for logs), with the rate and an ETA; a finished run shows its mean rate. Exit code: 0 done,
+    4 partly failed, 5 all failed (with --once: the same, or 0 while it still runs)."""
+    from pipeline.run_progress import snapshot
+
+    database = _database(settings_from(ctx))
+    first = snapshot(database, run_id)
+    if first.state == "missing":
+        raise click.BadParameter(f"there is no run {run_id}", param_hint="RUN_ID")
+    if once:
+        click.echo(json.dumps({"run": run_id, "state": first.state, "jobs": first.counts}))
+        sys.exit(EXIT_FOR_STATE.get(first.state, 0))
+    follow = _follow_live if err_console.is_terminal else _follow_piped
+    last = follow(database, first, interval)
+    from pipeline.run_progress import current_rate, describe
+
+    click.echo(describe(last, current_rate(first, last)))
+    sys.exit(EXIT_FOR_STATE.get(last.state, 0))
+
+
+def _follow_piped(database: Any, first: Any, interval: float) -> Any:
+    """A line on stderr whenever the counts change (and the first), so a log shows progress."""
+    import time
+
+    from pipeline.run_progress import current_rate, describe, snapshot
+
+    now, shown = first, None
+    while True:
+        if now.counts != shown:
+            click.echo(describe(now, current_rate(first, now)), err=True)
+            shown = now.counts
+        if now.state != "running":
+            return now
+        time.sleep(interval)
+        now = snapshot(database, first.run_id)
+
+
+def _follow_live(database: Any, first: Any, interval: float) -> Any:
     import time
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pipeline.local import run_state
+    from pipeline.run_progress import current_rate, describe, snapshot
 
-    database = _database(settings_from(ctx))
-    state, counts = run_state(database, run_id)
-    if state == "missing":
-        raise click.BadParameter(f"there is no run {run_id}", param_hint="RUN_ID")
-    if once:
-        click.echo(json.dumps({"run": run_id, "state": state, "jobs": counts}))
-        sys.exit(EXIT_FOR_STATE.get(state, 0))
-    total = sum(counts.values())
-    columns = (TextColumn("run {task.fields[run]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[detail]}"), TimeElapsedColumn())  # fmt: skip
-    started, first_done = time.monotonic(), _finished(counts)
+    columns = (BarColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
+    now = first
     with Progress(*columns, console=err_console) as progress:
-        task = progress.add_task("run", total=total, run=run_id, detail="")
+        task = progress.add_task("run", total=first.total, detail="")
         while True:
-            done = _finished(counts)
-            rate = (done - first_done) / max(time.monotonic() - started, 1e-6)
-            detail = "  ".join(f"{name} {count}" for name, count in sorted(counts.items())) + f"  {rate:.1f}/s"
-            progress.update(task, completed=done, detail=detail)
-            if state != "running":
-                break
+            progress.update(
+                task, total=now.total, completed=now.finished, detail=describe(now, current_rate(first, now))
+            )
+            if now.state != "running":
+                return now
             time.sleep(interval)
-            state, counts = run_state(database, run_id)
-    click.echo(f"run {run_id} {state}: " + ", ".join(f"{count} {name}" for name, count in sorted(counts.items())))
-    sys.exit(EXIT_FOR_STATE.get(state, 0))
-
-
-def _finished(counts: dict[str, int]) -> int:
-    return sum(count for name, count in counts.items() if name not in {"queued", "running"})
+            now = snapshot(database, first.run_id)
 
 
 @main.command()
@@ -765,6 +785,7 @@ def backfill(
     from workers.app import CeleryPublisher, create_app
 
     settings = settings_from(ctx, backfill_max_outstanding=max_outstanding, **overrides)
+    _log_to_stderr("backfill", settings)
     database = _database(settings)
     bad_rows: list[Any] = []
     refresh = None

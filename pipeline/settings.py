@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     # --- operations -----------------------------------------------------------------------
     work_dir: Path = Field(Path(".skutag"), description="Tiny model, demo catalog, caches.")
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Worker, writer and backfill logs: text, or json (one object per line with run_id, job_id, sku).",
+    )
     worker_events: bool = Field(
         False, description="Workers send task events (celery events, Flower); also `skutag worker --events`."
     )

@@ -233,8 +233,16 @@ class JobHandler:
             report.outcomes[result.status] = report.outcomes.get(result.status, 0) + 1
             if result.status == "failed" and result.error is not None:
                 report.failure_codes[result.error.code] = report.failure_codes.get(result.error.code, 0) + 1
-        for _, error in retries:
+                log.warning(
+                    "job failed: %s: %s", result.error.code, result.error.message,
+                    extra={"run_id": result.provenance.run_id, "job_id": result.job_id, "sku": result.sku},
+                )  # fmt: skip
+        for job, error in retries:
             report.retry_codes[error.code] = report.retry_codes.get(error.code, 0) + 1
+            log.info(
+                "job will be retried: %s: %s", error.code, error.message,
+                extra={"run_id": job.run_id, "job_id": job.job_id, "sku": job.sku},
+            )  # fmt: skip
         if retries:
             # Back to the queue with no message: the reconciler (new jobs) or the backfill (its own)
             # publishes them on its next round, which is the retry's back-off.

@@ -3,6 +3,7 @@ remote control, and the event stream that `celery events` and Flower read."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -60,6 +61,7 @@ def capture_until(
 class Processes:
     env: dict[str, str]
     worker_log: Path
+    writer_log: Path
     worker_metrics: str
     writer_metrics: str
 
@@ -90,15 +92,21 @@ def processes(
     try:
         for role, args in commands.items():
             with (logs / f"{role}.log").open("wb") as output:
+                # The writer logs JSON: every line it writes must then be one JSON object.
+                role_env = env | {"SKUTAG_LOG_FORMAT": "json"} if role == "writer" else env
                 started.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "pipeline", *args], env=env, stdout=output, stderr=subprocess.STDOUT
+                        [sys.executable, "-m", "pipeline", *args], env=role_env, stdout=output, stderr=subprocess.STDOUT
                     )
                 )
         for process, role in zip(started, commands, strict=True):
             wait_for_ready(process, logs / f"{role}.log")
         yield Processes(
-            env, logs / "worker.log", f"http://127.0.0.1:{ports[0]}/metrics", f"http://127.0.0.1:{ports[1]}/metrics"
+            env,
+            logs / "worker.log",
+            logs / "writer.log",
+            f"http://127.0.0.1:{ports[0]}/metrics",
+            f"http://127.0.0.1:{ports[1]}/metrics",
         )
     finally:
         for process in started:
@@ -222,3 +230,11 @@ def test_each_process_serves_its_metrics(processes: Processes) -> None:
     assert "skutag_results_written_total" in writer_names and "skutag_jobs_finished_total" not in writer_names
     depth = httpx.get(processes.worker_metrics, timeout=10).text
     assert 'skutag_queue_depth{queue="skutag.new"}' in depth
+
+
+def test_a_json_logging_process_writes_only_json_under_its_own_name(processes: Processes) -> None:
+    documents = [json.loads(line) for line in processes.writer_log.read_text().splitlines() if line.strip()]
+    assert {document["service"] for document in documents} == {"writer"}
+    loggers = {document["logger"] for document in documents}
+    assert "skutag.writer" in loggers and "skutag.worker" not in loggers
+    assert any(document["message"].endswith(" ready.") for document in documents)

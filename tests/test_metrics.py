@@ -32,7 +32,7 @@ def test_worker_metrics_follow_prometheus_conventions() -> None:
     stats = [BatchStats(images=3, forward_passes=12, vision_ms=300, prefill_ms=200, decode_ms=500)]
     report = HandleReport(
         received=5, results=4, retried=1, cache_hits=1, skipped=0, outcomes=outcomes, stats=stats,
-        failure_codes={"not_found": 1}, retry_codes={"fetch_timeout": 1},
+        failure_codes={"not_found": 1}, retry_codes={"timeout": 1},
     )  # fmt: skip
     metrics.observe(report, 1.4)
     text = scrape(metrics.registry)
@@ -40,7 +40,7 @@ def test_worker_metrics_follow_prometheus_conventions() -> None:
     assert 'skutag_jobs_finished_total{status="tagged"} 2.0' in text
     assert 'skutag_jobs_finished_total{status="failed"} 1.0' in text
     assert 'skutag_job_failures_total{code="not_found"} 1.0' in text
-    assert 'skutag_job_retries_total{code="fetch_timeout"} 1.0' in text
+    assert 'skutag_job_retries_total{code="timeout"} 1.0' in text
     assert "skutag_cache_hits_total 1.0" in text
     assert "skutag_forward_passes_total 12.0" in text
     # The GPU batch histogram times the batch (1.0 s of engine work), not the message (1.4 s).

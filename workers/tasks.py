@@ -24,11 +24,12 @@ from celery import Celery
 from celery_batches import Batches
 from pydantic import ValidationError
 
-from pipeline.db import make_engine
+from pipeline.db import make_engine, redacted
 from pipeline.errors import RetryableError, SkutagError
 from pipeline.inference import TaggingEngine, load_model
 from pipeline.listing import ListingChecker
 from pipeline.local import write_valid
+from pipeline.logs import log_context
 from pipeline.metrics import WorkerMetrics, WriterMetrics, serve
 from pipeline.reconcile import reconcile
 from pipeline.settings import Settings
@@ -49,6 +50,11 @@ def register_tag_task(app: Celery, handler: JobHandler, sink: CelerySink, metric
     def tag(self: Any, jobs: list[dict[str, Any]]) -> None:
         started = time.perf_counter()
         specs = valid_specs(jobs)
+        runs = {spec.run_id for spec in specs}
+        with log_context(run_id=runs.pop() if len(runs) == 1 else None):
+            _tag(self, specs, started)
+
+    def _tag(self: Any, specs: list[JobSpec], started: float) -> None:
         try:
             report = handler.handle(specs, sink)
         except RetryableError as exc:
@@ -77,7 +83,9 @@ def valid_specs(jobs: object) -> list[JobSpec]:
 def worker_argv(settings: Settings, role: str, options: Sequence[str], celery_args: Sequence[str]) -> list[str]:
     """`celery worker` arguments: skutag's, then the operator's (later options win in Celery's parser).
     Heartbeats stay on (Flower and `celery events` need them); --events turns on task events."""
-    argv = ["worker", *options, f"--hostname=skutag-{role}-{os.getpid()}@%h", "--loglevel=INFO"]
+    # JSON logs: no banner on stdout, so every line a log shipper reads is one JSON object.
+    quiet = ["--quiet"] if settings.log_format == "json" else []
+    argv = [*quiet, "worker", *options, f"--hostname=skutag-{role}-{os.getpid()}@%h", "--loglevel=INFO"]
     if settings.worker_events:
         argv.append("--task-events")
     return [*argv, *celery_args]
@@ -173,6 +181,7 @@ def run_writer(settings: Settings, reconcile_periodically: bool = True, celery_a
     metrics.watch_queues(lambda: queue_depths(settings))
     serve(settings.metrics_port, metrics.registry)
     register_write_task(app, writer, settings, metrics)
+    writer_log.info("writing results from %s into %s", QUEUE_WRITE, redacted(settings.database_url))
     stop = threading.Event()
     if reconcile_periodically:
         threading.Thread(
