@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from pipeline.errors import InputError
 from pipeline.ledger import CatalogRow
+from pipeline.stores import OBJECT_STORE_SCHEMES
 
 ALIASES = {
     "sku": "sku",
@@ -27,7 +28,7 @@ ALIASES = {
     "category": "category_hint",
 }
 LIMITS = {"sku": 256, "image_uri": 4096, "title": 1000, "category_hint": 200}
-SCHEMES = {"", "http", "https", "file"}
+SCHEMES = {"", "http", "https", "file"} | OBJECT_STORE_SCHEMES
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def _required_problem(values: dict[str, str | None]) -> str | None:
     except ValueError as exc:  # http://[::1/x.jpg
         return f"image_uri is not a valid URI: {exc}"
     if scheme not in SCHEMES:
-        return f"image_uri scheme {scheme!r} is not supported (http, https, file or a path)"
+        return f"image_uri scheme {scheme!r} is not supported (http, https, file, a path, s3, gs, ...)"
     return None
 
 

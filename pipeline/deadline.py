@@ -99,10 +99,12 @@ class DeadlineBackend(httpcore.NetworkBackend):
         self.inner.sleep(seconds if left is None else min(seconds, left))
 
 
-def deadline_client() -> httpx.Client:
+def deadline_client(proxy: str | None = None) -> httpx.Client:
     """An httpx client whose sockets obey `within`. No proxies from the environment (they would
-    connect to hosts we never checked) and no automatic redirects (each hop is checked)."""
-    transport = httpx.HTTPTransport(trust_env=False)
+    connect to hosts we never checked; pipeline.stores.Proxies chooses one explicitly, given as
+    proxy, and the request still names the checked address) and no automatic redirects (each hop
+    is checked)."""
+    transport = httpx.HTTPTransport(trust_env=False, proxy=proxy)
     pool = transport._pool  # httpx builds its pool privately; tests/test_fetch_deadline.py guards this
     pool._network_backend = DeadlineBackend(pool._network_backend)
     return httpx.Client(transport=transport, trust_env=False, follow_redirects=False)

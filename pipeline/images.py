@@ -33,7 +33,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from pipeline import deadline
 from pipeline.addresses import AllowedHosts, IPAddress, forbidden_reason
 from pipeline.pixel_budget import CONVERTED_BEFORE_REDUCE, PixelBudget, decoded_bytes
 from pipeline.settings import Settings
+from pipeline.stores import OBJECT_STORE_SCHEMES, HostHeaders, Proxies, StoreError, StorePolicy, StoreReader
 from schemas.images import FetchedImage, IntakeFailure, IntakeOutcome, PreparedImage
 from schemas.results import ErrorCode, ItemError, JobSpec
 
@@ -124,6 +125,9 @@ class FetchPolicy:
     read_timeout_s: float
     total_timeout_s: float
     max_redirects: int
+    stores: StorePolicy | None = None  # object stores (pipeline.stores); None: none enabled
+    host_headers: HostHeaders = field(default_factory=HostHeaders)
+    proxies: Proxies = field(default_factory=Proxies)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FetchPolicy:
@@ -135,6 +139,9 @@ class FetchPolicy:
             read_timeout_s=settings.fetch_read_timeout_s,
             total_timeout_s=settings.fetch_total_timeout_s,
             max_redirects=settings.fetch_max_redirects,
+            stores=StorePolicy.from_settings(settings),
+            host_headers=HostHeaders.from_settings(settings),
+            proxies=Proxies.from_settings(settings),
         )
 
 
@@ -144,9 +151,13 @@ class Fetcher:
     def __init__(self, policy: FetchPolicy, client: httpx.Client | None = None) -> None:
         self.policy = policy
         self.client = client or deadline.deadline_client()
+        self._proxied: dict[str, httpx.Client] = {}  # one client per proxy URL, made on first use
+        self._stores = StoreReader(policy.stores) if policy.stores else None
 
     def close(self) -> None:
         self.client.close()
+        for client in self._proxied.values():
+            client.close()
 
     def fetch(self, image_uri: str, etag: str | None = None, last_modified: str | None = None) -> FetchedImage:
         """Raises IntakeError; a conditional request (etag / last_modified) may return not_modified."""
@@ -164,8 +175,12 @@ class Fetcher:
             fetched = self._fetch_local(image_uri, _file_uri_path(image_uri))
         elif scheme == "" or (len(scheme) == 1 and os.name == "nt"):
             fetched = self._fetch_local(image_uri, image_uri)
+        elif scheme in OBJECT_STORE_SCHEMES:
+            fetched = self._fetch_store(image_uri, etag)
         else:
-            raise IntakeError(ErrorCode.FORBIDDEN_ADDRESS, f"URI scheme {scheme!r} is not allowed (http, https, file)")
+            raise IntakeError(
+                ErrorCode.FORBIDDEN_ADDRESS, f"URI scheme {scheme!r} is not allowed (http, https, file, s3, gs, ...)"
+            )
         return replace(fetched, fetch_ms=(time.perf_counter() - started) * 1000)
 
     # -- local files --
@@ -205,6 +220,15 @@ class Fetcher:
             raise IntakeError(ErrorCode.FORBIDDEN_ADDRESS, f"{raw_path} is not a regular file")
         if info.st_size > self.policy.max_bytes:
             raise IntakeError(ErrorCode.TOO_LARGE, f"{raw_path}: {info.st_size} bytes, over {self.policy.max_bytes}")
+
+    # -- object stores --
+    def _fetch_store(self, image_uri: str, etag: str | None) -> FetchedImage:
+        if self._stores is None:
+            raise IntakeError(ErrorCode.FORBIDDEN_ADDRESS, "object store images are not enabled (SKUTAG_IMAGE_STORES)")
+        try:
+            return self._stores.fetch(image_uri, etag)
+        except StoreError as exc:
+            raise IntakeError(exc.item_error.code, exc.item_error.message) from exc
 
     # -- http(s) --
     def _fetch_http(self, image_uri: str, etag: str | None, last_modified: str | None) -> FetchedImage:
@@ -248,9 +272,11 @@ class Fetcher:
             write=min(self.policy.read_timeout_s, remaining),
             pool=min(self.policy.connect_timeout_s, remaining),
         )
-        request_headers = {**headers, "Host": url.netloc.decode("ascii")}
+        default_port = 443 if url.scheme == "https" else 80
+        private = self.policy.host_headers.for_host(url.host, url.port, default_port)  # this hop's host only
+        request_headers = {**headers, **private, "Host": url.netloc.decode("ascii")}
         try:
-            with self.client.stream(
+            with self._client_for(url).stream(
                 "GET", target, headers=request_headers, extensions=extensions, timeout=timeout
             ) as response:
                 if response.status_code in REDIRECTS and "location" in response.headers:
@@ -262,9 +288,19 @@ class Fetcher:
         except httpx.HTTPError as exc:
             # httpx parses a redirect's Location itself (even with redirects off) and reports a bad one so
             code = ErrorCode.INVALID_URI if "Invalid URL in location" in str(exc) else ErrorCode.FETCH_FAILED
-            raise IntakeError(code, f"{url.host}: {type(exc).__name__}: {exc}") from exc
+            message = self.policy.host_headers.mask(f"{url.host}: {type(exc).__name__}: {exc}")
+            raise IntakeError(code, message) from exc
         except (httpx.InvalidURL, ValueError) as exc:  # ... or lets idna's ValueError through
             raise IntakeError(ErrorCode.INVALID_URI, f"{url.host} answered with an invalid URL: {exc}") from exc
+
+    def _client_for(self, url: httpx.URL) -> httpx.Client:
+        """The direct client, or the one through the proxy the environment names for url's host."""
+        proxy = self.policy.proxies.for_url(url.scheme, url.host)
+        if proxy is None:
+            return self.client
+        if proxy not in self._proxied:
+            self._proxied[proxy] = deadline.deadline_client(proxy=proxy)
+        return self._proxied[proxy]
 
     def _read_body(self, response: httpx.Response, url: httpx.URL, image_uri: str, conditional: bool) -> FetchedImage:
         status = response.status_code

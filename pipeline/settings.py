@@ -112,6 +112,21 @@ class Settings(BaseSettings):
     fetch_read_timeout_s: float = Field(5.0, gt=0)
     fetch_total_timeout_s: float = Field(15.0, gt=0)
     fetch_max_redirects: int = Field(5, ge=0, le=20)
+    image_stores: list[str] = Field(
+        default_factory=lambda: ["s3", "gs"],
+        description="fsspec object stores image URIs may name (s3, gs, az, ...; each needs its package).",
+    )
+    storage_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description='fsspec options per store, JSON: {"s3": {"endpoint_url": "https://minio.internal"}}. '
+        "Prefer the store's own credential chain to keys here.",
+    )
+    http_headers_file: Path | None = Field(
+        None, description="YAML/JSON: host -> headers for private image servers (values may be ${ENV_VAR})."
+    )
+    http_proxy_from_env: bool = Field(
+        False, description="Fetch http(s) images through HTTP(S)_PROXY, honouring NO_PROXY."
+    )
 
     # --- backfill -------------------------------------------------------------------------
     backfill_max_outstanding: int = Field(

@@ -48,7 +48,7 @@ def test_csv_rows_and_bad_rows_with_line_numbers() -> None:
     assert bad == {
         3: "line 3: sku is empty",
         4: "line 4: image_uri is empty",
-        5: "line 5: image_uri scheme 'ftp' is not supported (http, https, file or a path)",
+        5: "line 5: image_uri scheme 'ftp' is not supported (http, https, file, a path, s3, gs, ...)",
         8: "line 8: 5 fields, the header has 4",
     }
 
