@@ -66,8 +66,39 @@ def _row(result: TagResult, issue: ListingIssue, now: datetime) -> dict[str, Any
     }
 
 
+# --- the review queue -------------------------------------------------------------------------
+_DROP_LISTING_TASKS = f"""
+DELETE FROM review_tasks WHERE reason = '{REVIEW_REASON}' AND sku IN (SELECT sku FROM {{won}})
+"""
+
+# A listing issue asks a person which is right, the listing or the tag; one already decided for
+# this image is not asked again. With a low-confidence task on the same attribute it is one task
+# (one per sku and attribute), under this reason.
+_OPEN_LISTING_TASKS = f"""
+INSERT INTO review_tasks (sku, attribute, reason, confidence, job_id, image_sha256, blind, created_at)
+SELECT m.sku, m.attribute, '{REVIEW_REASON}', m.confidence, m.job_id, m.image_sha256, {{false}}, :now
+FROM listing_mismatches m
+JOIN {{won}} w ON w.sku = m.sku
+WHERE m.image_sha256 IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM review_decisions d
+                  WHERE d.sku = m.sku AND d.attribute = m.attribute AND d.image_sha256 = m.image_sha256)
+ORDER BY m.sku, m.attribute
+ON CONFLICT (sku, attribute) DO NOTHING
+"""
+
+
+def open_listing_tasks(conn: Connection, now: datetime, won: str = "stage_won") -> None:
+    """Replace the listing tasks of the skus in table `won` with their current issues. Runs before
+    the review queue's own update (pipeline.review.tasks), which rebuilds the skus' queue items."""
+    false = "false" if conn.dialect.name == "postgresql" else "0"
+    conn.execute(sa.text(_DROP_LISTING_TASKS.format(won=won)))
+    conn.execute(sa.text(_OPEN_LISTING_TASKS.format(won=won, false=false)), {"now": now})
+
+
 # --- reading ---------------------------------------------------------------------------------
-EXPORT_COLUMNS = ("attribute", "listed_values", "listed_words", "listed_in", "image_value", "confidence")
+EXPORT_COLUMNS = (
+    "attribute", "listed_values", "listed_words", "listed_in", "image_value", "confidence", "decided_value",
+)  # fmt: skip
 
 
 def issues_by_sku(conn: Connection) -> dict[str, list[dict[str, Any]]]:
@@ -89,6 +120,7 @@ def export_document(row: Mapping[str, Any]) -> dict[str, Any]:
         "image_value": row["image_value"],
         "confidence": row["confidence"],
         "review_reason": REVIEW_REASON,
+        "decided_value": row["decided_value"],  # a reviewer's value for this image, if any
     }
 
 

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 from pipeline.db import COPY_NULL, FINISH_RUNS, copy_field, copy_rows, insert_for, taxonomy_values, translated_errors
 from pipeline.errors import InputError, RetryableError
 from pipeline.listing import ListingChecker
-from pipeline.listing_store import record_listing_issues
+from pipeline.listing_store import open_listing_tasks, record_listing_issues
 from pipeline.review.tasks import open_review_tasks
 from schemas.results import TagResult
 from schemas.taxonomy import CATEGORY, Taxonomy
@@ -299,6 +299,7 @@ class ResultWriter:
             tag_rows = conn.execute(_INSERT_TAGS, {"now": _utcnow()}).rowcount
             by_job = {result.job_id: result for result in batch}
             record_listing_issues(conn, self.listing, [by_job[row[1]] for row in won], _utcnow())
+            open_listing_tasks(conn, _utcnow())
             open_review_tasks(conn, _utcnow())
             conn.execute(_FINISH_JOBS, {"now": _utcnow()})
             conn.execute(_FINISH_RUNS, {"now": _utcnow()})

@@ -169,10 +169,21 @@ def test_issues_are_stored_with_the_current_tags_and_replaced_by_the_next(engine
         ("DRESS-1", "primary_color", "red", "title", "blue", "蓝色", 0.9, "listing_mismatch"),
         ("ZH-1", "primary_color", "red", "title", "blue", "蓝色", 0.9, "listing_mismatch"),
     ]
-    # A new image that agrees with the listing clears the sku's issues; the others stay.
+    assert _listing_tasks(engine) == [("DRESS-1", "category"), ("DRESS-1", "primary_color"), ("ZH-1", "primary_color")]
+    # A new image that agrees with the listing clears the sku's issues and tasks; the others stay.
     again = _job(engine, "DRESS-1", "Red dress", "Dresses")
     writer.write([_result(again, taxonomy, "dress", "red", seconds=10)])
     assert [row[:2] for row in _issues(engine)] == [("ZH-1", "primary_color")]
+    assert _listing_tasks(engine) == [("ZH-1", "primary_color")]
+    with engine.connect() as conn:
+        item = conn.execute(sa.text("SELECT sku, open_tasks FROM review_items WHERE sku = 'ZH-1'")).one()
+    assert tuple(item) == ("ZH-1", 1)
+
+
+def _listing_tasks(engine: Engine) -> list[tuple[object, ...]]:
+    query = "SELECT sku, attribute FROM review_tasks WHERE reason = 'listing_mismatch' ORDER BY 1, 2"
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(sa.text(query))]
 
 
 def test_export_carries_the_issues(tmp_path: Path, sqlite_engine: Engine, taxonomy: Taxonomy) -> None:
@@ -184,7 +195,7 @@ def test_export_carries_the_issues(tmp_path: Path, sqlite_engine: Engine, taxono
     document = json.loads((tmp_path / "tags.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert document["listing_issues"] == [{
         "attribute": "category", "listed_values": ["dress"], "listed_words": ["dress"], "listed_in": ["title"],
-        "image_value": "trousers", "confidence": 0.93, "review_reason": "listing_mismatch",
+        "image_value": "trousers", "confidence": 0.93, "review_reason": "listing_mismatch", "decided_value": None,
     }]  # fmt: skip
     result = CliRunner().invoke(
         main, ["--database-url", url, "export", "--format", "csv", "-o", str(tmp_path / "t.csv")]
