@@ -409,6 +409,12 @@ class BackfillOptions:
     max_outstanding: int = 2000
     wait: bool = True
     poll_s: float = 1.0
+    no_cache: bool = False
+
+    @property
+    def use_cache(self) -> bool:
+        """A re-tag for age asks for fresh inference: serving it from the cache would re-stamp old tags."""
+        return not self.no_cache and self.max_age is None
 
 
 @dataclass
@@ -455,7 +461,7 @@ def run_backfill(
         run_id = open_backfill_run(conn)
         resumed = run_id is not None
         if run_id is None:
-            run_id = ledger.create_run(conn, "backfill", config_snapshot(settings, taxonomy))
+            run_id = ledger.create_run(conn, "backfill", config_snapshot(settings, taxonomy, options.use_cache))
         insert_plan(conn, run_id, params, ledger.utcnow())
         ledger.seal_run(conn, run_id)
         conn.commit()

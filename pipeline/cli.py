@@ -29,13 +29,25 @@ class SkutagGroup(click.Group):
     """Turns skutag's errors into one red line and an exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from rich.markup import escape
+
+        from pipeline.secrets import mask_secrets
+
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except SkutagError as exc:
             if ctx.find_root().params.get("debug"):
                 raise
-            err_console.print(f"[red]error:[/red] {exc.message}", markup=True)
+            err_console.print(f"[red]error:[/red] {escape(mask_secrets(exc.message))}", markup=True)
             sys.exit(exc.exit_code)
+        except Exception as exc:  # a bug: one line (no credentials), the traceback with --debug
+            if ctx.find_root().params.get("debug"):
+                raise
+            detail = escape(mask_secrets(f"{type(exc).__name__}: {exc}"))
+            err_console.print(f"[red]unexpected error:[/red] {detail} (run with --debug for the traceback)")
+            sys.exit(1)
 
 
 def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
@@ -183,6 +195,7 @@ def tag_image(ctx: click.Context, /, image_uri: str, **overrides: Any) -> None:
     iteration and spot checks, through the same intake and engine as the workers."""
     from pipeline.images import ImageIntake
     from pipeline.inference import TaggingEngine, load_model
+    from pipeline.routing import Thresholds
     from pipeline.runner import tag_batch
     from schemas.results import JobSpec
     from schemas.taxonomy import load_taxonomy
@@ -200,7 +213,7 @@ def tag_image(ctx: click.Context, /, image_uri: str, **overrides: Any) -> None:
         intake.close()
     engine = TaggingEngine(load_model(settings), taxonomy_, settings)
     job = JobSpec(job_id=0, run_id=0, sku="-", image_uri=image_uri)
-    batch = tag_batch(engine, [job], [outcome])
+    batch = tag_batch(engine, [job], [outcome], thresholds=Thresholds.from_settings(settings))
     (result,) = batch.results
     document = result.model_dump(mode="json", exclude={"job_id"})
     document["batch"] = batch.stats[0].as_dict() if batch.stats else None
@@ -342,21 +355,30 @@ def _database(settings: Settings, create_if_embedded: bool = False) -> Any:
 
 
 def _report_bad_rows(bad_rows: list[Any], limit: int = 20) -> None:
+    from rich.markup import escape
+
+    from pipeline.secrets import mask_secrets
+
     for row in bad_rows[:limit]:
-        err_console.print(f"[yellow]bad row[/yellow] {row}", markup=True)
+        err_console.print(f"[yellow]bad row[/yellow] {escape(mask_secrets(str(row)))}", markup=True)
     if len(bad_rows) > limit:
         err_console.print(f"[yellow]... and {len(bad_rows) - limit} more bad rows[/yellow]", markup=True)
 
 
+NO_CACHE_HELP = "Infer every image, even one whose content and versions have a stored result."
+
+
 @main.command()
 @click.argument("catalog", type=click.File("r", encoding="utf-8-sig"))
+@click.option("--no-cache", is_flag=True, help=NO_CACHE_HELP)
 @click.pass_context
-def submit(ctx: click.Context, catalog: Any) -> None:
+def submit(ctx: click.Context, catalog: Any, no_cache: bool) -> None:
     """Queue CATALOG for the GPU workers: a CSV or JSONL file (or - for stdin) with columns sku,
     image_uri and optionally title, category_hint. Bad rows are reported with their line numbers;
     the good rows go ahead. Follow the run with `skutag status RUN`."""
     from pipeline.catalog import read_catalog
     from pipeline.producer import submit_catalog
+    from pipeline.secrets import mask_secrets
     from schemas.taxonomy import load_taxonomy
     from workers.app import CeleryPublisher, create_app
 
@@ -364,8 +386,9 @@ def submit(ctx: click.Context, catalog: Any) -> None:
     database = _database(settings)
     publisher = CeleryPublisher(create_app(settings), settings)
     report = submit_catalog(
-        read_catalog(catalog, catalog.name), database, settings, load_taxonomy(settings.taxonomy_path), publisher
-    )
+        read_catalog(catalog, catalog.name), database, settings, load_taxonomy(settings.taxonomy_path), publisher,
+        use_cache=not no_cache,
+    )  # fmt: skip
     _report_bad_rows(report.bad_rows)
     rate = report.accepted / report.seconds if report.seconds else 0.0
     click.echo(
@@ -374,7 +397,7 @@ def submit(ctx: click.Context, catalog: Any) -> None:
     )
     if report.publish_error:
         err_console.print(
-            f"[red]error:[/red] {report.publish_error}; the jobs are safe in the ledger: "
+            f"[red]error:[/red] {mask_secrets(report.publish_error)}; the jobs are safe in the ledger: "
             "run `skutag reconcile` once the broker is back",
             markup=True,
         )
@@ -636,10 +659,17 @@ def export(ctx: click.Context, fmt: str, output: Any) -> None:
 @click.option("--resume", "resume_run", type=int, help="Finish the open jobs of an earlier local run.")
 @click.option("--image-root", "image_roots", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where local image paths may point (default: the catalog's directory).")  # fmt: skip
+@click.option("--no-cache", is_flag=True, help=NO_CACHE_HELP)
 @model_options
 @click.pass_context
 def run_command(
-    ctx: click.Context, /, catalog: Any, resume_run: int | None, image_roots: tuple[Path, ...], **overrides: Any
+    ctx: click.Context,
+    /,
+    catalog: Any,
+    resume_run: int | None,
+    image_roots: tuple[Path, ...],
+    no_cache: bool,
+    **overrides: Any,
 ) -> None:
     """Tag CATALOG in this process: the same stages as the workers, with no Redis. The embedded
     default is SQLite and the configured model; with SKUTAG_DATABASE_URL and a GPU it is a
@@ -652,7 +682,7 @@ def run_command(
     settings = settings_from(ctx, image_roots=roots, **overrides)
     if resume_run is not None and not image_roots:
         settings = _with_run_image_roots(settings, resume_run)
-    sys.exit(_run_local(settings, catalog, resume_run))
+    sys.exit(_run_local(settings, catalog, resume_run, use_cache=not no_cache))
 
 
 def _with_run_image_roots(settings: Settings, run_id: int) -> Settings:
@@ -671,7 +701,9 @@ def _with_run_image_roots(settings: Settings, run_id: int) -> Settings:
     return settings.model_copy(update={"image_roots": [Path(root) for root in roots]}) if roots else settings
 
 
-def _run_local(settings: Settings, catalog: Any, resume_run: int | None, console: Console | None = None) -> int:
+def _run_local(
+    settings: Settings, catalog: Any, resume_run: int | None, console: Console | None = None, use_cache: bool = True
+) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pipeline import ledger
@@ -680,6 +712,7 @@ def _run_local(settings: Settings, catalog: Any, resume_run: int | None, console
     from pipeline.listing import ListingChecker
     from pipeline.local import log_to_file, run_jobs, run_state
     from pipeline.producer import submit_catalog
+    from pipeline.routing import Thresholds
     from pipeline.worker import JobHandler
     from pipeline.writer import ResultWriter
     from schemas.taxonomy import load_taxonomy
@@ -689,7 +722,7 @@ def _run_local(settings: Settings, catalog: Any, resume_run: int | None, console
     taxonomy_ = load_taxonomy(settings.taxonomy_path)
     if resume_run is None:
         submitted = submit_catalog(
-            read_catalog(catalog, catalog.name), database, settings, taxonomy_, None, kind="local"
+            read_catalog(catalog, catalog.name), database, settings, taxonomy_, None, kind="local", use_cache=use_cache
         )
         _report_bad_rows(submitted.bad_rows)
         run_id = submitted.run_id
@@ -701,7 +734,11 @@ def _run_local(settings: Settings, catalog: Any, resume_run: int | None, console
     console.print(f"loading {settings.model} ({settings.quantization}) ...")
     handler = JobHandler(settings, TaggingEngine(load_model(settings), taxonomy_, settings), database)
     writer = ResultWriter(
-        database, taxonomy_, settings.notify_channel, ListingChecker.from_settings(settings, taxonomy_)
+        database,
+        taxonomy_,
+        settings.notify_channel,
+        ListingChecker.from_settings(settings, taxonomy_),
+        thresholds=Thresholds.from_settings(settings),
     )
     _, counts = run_state(database, run_id)
     total = sum(counts.values())
@@ -742,8 +779,12 @@ def _run_local(settings: Settings, catalog: Any, resume_run: int | None, console
     help="Re-fetch tagged images (conditionally: ETag / Last-Modified) and re-tag those whose bytes changed.",
 )
 @click.option(
-    "--max-age", "max_age_days", type=float, help="Also re-tag items whose tags are older than this many days."
+    "--max-age",
+    "max_age_days",
+    type=float,
+    help="Also re-tag items whose tags are older than this many days (implies --no-cache: they are re-inferred).",
 )
+@click.option("--no-cache", is_flag=True, help=NO_CACHE_HELP)
 @click.option("--max-outstanding", type=int, help="Most jobs in Redis at once (SKUTAG_BACKFILL_MAX_OUTSTANDING).")
 @click.option("--dry-run", is_flag=True, help="Count what would be re-tagged, by reason, with an estimated duration.")
 @click.option("--no-wait", is_flag=True, help="Publish what fits now and exit; the next backfill continues the run.")
@@ -760,6 +801,7 @@ def backfill(
     catalog: Any,
     check_content: bool,
     max_age_days: float | None,
+    no_cache: bool,
     max_outstanding: int | None,
     dry_run: bool,
     no_wait: bool,
@@ -797,7 +839,7 @@ def backfill(
     options = BackfillOptions(
         dry_run=dry_run, check_content=check_content, wait=not no_wait,
         max_age=timedelta(days=max_age_days) if max_age_days else None,
-        max_outstanding=settings.backfill_max_outstanding,
+        max_outstanding=settings.backfill_max_outstanding, no_cache=no_cache,
     )  # fmt: skip
     publisher = None if dry_run else CeleryPublisher(create_app(settings), settings)
     metrics = BackfillMetrics()

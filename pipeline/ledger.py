@@ -277,6 +277,12 @@ def cached_results(conn: Connection, keys: Iterable[str]) -> dict[str, TagResult
     return found
 
 
+def runs_bypassing_cache(conn: Connection, run_ids: Iterable[int]) -> set[int]:
+    """The runs among run_ids created with use_cache off (`--no-cache`, `backfill --max-age`)."""
+    statement = sa.select(runs.c.id, runs.c.config).where(runs.c.id.in_(sorted(set(run_ids))))
+    return {int(row.id) for row in conn.execute(statement) if (row.config or {}).get("use_cache") is False}
+
+
 def _stored_result(row: Any) -> TagResult:
     return TagResult(
         job_id=row.job_id,

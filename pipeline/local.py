@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from pipeline import ledger
 from pipeline.db import OPEN_JOB_STATES, jobs, runs, translated_errors
 from pipeline.inference import BatchStats
+from pipeline.secrets import SecretMaskingFilter
 from pipeline.worker import HandleReport, JobHandler
 from pipeline.writer import InvalidResultError, ResultWriter, write_with_retry
 from schemas.results import ErrorCode, ItemError, JobSpec, TagResult, failed_result
@@ -31,6 +32,7 @@ def log_to_file(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(SecretMaskingFilter())
     loggers = [logging.getLogger(name) for name in ("skutag", "pipeline")]
     before = [logger.propagate for logger in loggers]
     for logger in loggers:

@@ -15,6 +15,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from pipeline.secrets import SecretMaskingFilter
+
 LogFormat = Literal["text", "json"]
 CONTEXT_FIELDS = ("run_id", "job_id", "sku")
 
@@ -58,7 +60,7 @@ class JsonFormatter(logging.Formatter):
             if value is not None:
                 document[name] = value
         if record.exc_info:
-            document["exception"] = self.formatException(record.exc_info)
+            document["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(document, ensure_ascii=False, default=str)
 
 
@@ -78,6 +80,7 @@ def configure_logging(service: str, log_format: LogFormat, level: int = logging.
     """One stderr handler on the root logger (Celery keeps it: worker_hijack_root_logger is off)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter(service))
+    handler.addFilter(SecretMaskingFilter())  # no URL password in any line, libraries' included
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers = [handler]

@@ -38,8 +38,9 @@ class SubmitReport:
     seconds: float = 0.0
 
 
-def config_snapshot(settings: Settings, taxonomy: Taxonomy) -> dict[str, Any]:
-    """What a run was asked to do with, stored with the run."""
+def config_snapshot(settings: Settings, taxonomy: Taxonomy, use_cache: bool = True) -> dict[str, Any]:
+    """What a run was asked to do with, stored with the run. use_cache False (`--no-cache`) makes
+    the workers infer every image of the run instead of reusing stored model outputs."""
     prompt = build_prompt(taxonomy, settings.prompt_language, settings.summary_max_tokens)
     return {
         "model": settings.model,
@@ -52,6 +53,7 @@ def config_snapshot(settings: Settings, taxonomy: Taxonomy) -> dict[str, Any]:
         "image_size": settings.image_size,
         "image_fit": settings.image_fit,
         "image_roots": [str(root.resolve()) for root in settings.image_roots],  # `run --resume` reads them back
+        "use_cache": use_cache,
     }
 
 
@@ -64,11 +66,13 @@ def submit_catalog(
     kind: str = "submit",
     queue: str = "new",
     on_chunk: Callable[[int], None] | None = None,
+    use_cache: bool = True,
 ) -> SubmitReport:
     """Ledger first, then the broker. Bad rows are collected, good rows go ahead."""
     started = time.perf_counter()
+    config = config_snapshot(settings, taxonomy, use_cache)
     with translated_errors("creating the run"), database.begin() as conn:
-        report = SubmitReport(run_id=ledger.create_run(conn, kind, config_snapshot(settings, taxonomy)))
+        report = SubmitReport(run_id=ledger.create_run(conn, kind, config))
     deduplicator = Deduplicator()
     for chunk in chunks(rows, CHUNK_ROWS):
         good: list[ledger.CatalogRow] = []

@@ -17,8 +17,9 @@ from typing import Protocol
 
 from pipeline.errors import InferenceError
 from pipeline.inference import BatchStats, ItemTags
+from pipeline.routing import Thresholds, routed
 from schemas.images import IntakeFailure, IntakeOutcome, PreparedImage
-from schemas.results import ErrorCode, ItemError, JobSpec, Provenance, TagResult, cache_key, failed_result
+from schemas.results import ErrorCode, ItemError, JobSpec, Provenance, TagResult, failed_result
 
 log = logging.getLogger("skutag.runner")
 
@@ -39,33 +40,38 @@ class BatchOutcome:
     cache_hits: int = 0
 
 
-def cached_result(job: JobSpec, image: PreparedImage, stored: TagResult, provenance: Provenance) -> TagResult:
-    """A stored result for the same image content and versions, re-issued for this job."""
-    return TagResult(
+def cached_result(
+    job: JobSpec, image: PreparedImage, stored: TagResult, provenance: Provenance, thresholds: Thresholds
+) -> TagResult:
+    """A stored model output for the same image content and versions, re-issued for this job and
+    routed by today's thresholds (the stored status is how it was routed then, not now)."""
+    result = TagResult(
         job_id=job.job_id,
         sku=job.sku,
         image_uri=job.image_uri,
         image_sha256=image.sha256,
-        status=stored.status,
+        status="tagged",
         attributes=stored.attributes,
         summary=stored.summary,
-        review_attributes=stored.review_attributes,
         provenance=provenance.model_copy(update={"cache_hit": True, "timings_ms": _intake_timings(image)}),
     )
+    return routed(result, thresholds)
 
 
-def tagged_result(job: JobSpec, image: PreparedImage, tags: ItemTags, provenance: Provenance) -> TagResult:
-    return TagResult(
+def tagged_result(
+    job: JobSpec, image: PreparedImage, tags: ItemTags, provenance: Provenance, thresholds: Thresholds
+) -> TagResult:
+    result = TagResult(
         job_id=job.job_id,
         sku=job.sku,
         image_uri=job.image_uri,
         image_sha256=image.sha256,
-        status=tags.status,
+        status="tagged",
         attributes=tags.attributes,
         summary=tags.summary,
-        review_attributes=tags.review_attributes,
         provenance=provenance.model_copy(update={"timings_ms": {**_intake_timings(image), **tags.timings_ms}}),
     )
+    return routed(result, thresholds)
 
 
 def _intake_timings(image: PreparedImage) -> dict[str, float]:
@@ -76,10 +82,13 @@ def tag_batch(
     engine: Tagger,
     jobs: Sequence[JobSpec],
     outcomes: Sequence[IntakeOutcome],
-    cache: Mapping[str, TagResult] | None = None,
+    cache: Mapping[int, TagResult] | None = None,
     max_attempts: int = 1,
+    thresholds: Thresholds | None = None,
 ) -> BatchOutcome:
-    """One result (or retry) per job; jobs and outcomes are parallel sequences."""
+    """One result (or retry) per job; jobs and outcomes are parallel sequences. cache maps a job
+    id to a stored model output for its image and versions; a job not in it is inferred."""
+    thresholds = thresholds or Thresholds()
     batch = BatchOutcome()
     to_infer: list[tuple[JobSpec, PreparedImage]] = []
     for job, outcome in zip(jobs, outcomes, strict=True):
@@ -87,18 +96,24 @@ def tag_batch(
         if isinstance(outcome, IntakeFailure):
             _fail_or_retry(batch, job, outcome.error, provenance, max_attempts, outcome.sha256)
             continue
-        stored = (cache or {}).get(cache_key(outcome.sha256, provenance))
+        stored = (cache or {}).get(job.job_id)
         if stored is not None:
-            batch.results.append(cached_result(job, outcome, stored, provenance))
+            batch.results.append(cached_result(job, outcome, stored, provenance, thresholds))
             batch.cache_hits += 1
         else:
             to_infer.append((job, outcome))
     if to_infer:
-        _infer(engine, to_infer, batch, max_attempts)
+        _infer(engine, to_infer, batch, max_attempts, thresholds)
     return batch
 
 
-def _infer(engine: Tagger, work: list[tuple[JobSpec, PreparedImage]], batch: BatchOutcome, max_attempts: int) -> None:
+def _infer(
+    engine: Tagger,
+    work: list[tuple[JobSpec, PreparedImage]],
+    batch: BatchOutcome,
+    max_attempts: int,
+    thresholds: Thresholds,
+) -> None:
     try:
         tags, stats = engine.tag_many([image for _, image in work])
     except InferenceError as exc:  # the batch's failure (device, time limit; OOM was split already)
@@ -111,7 +126,7 @@ def _infer(engine: Tagger, work: list[tuple[JobSpec, PreparedImage]], batch: Bat
         return
     batch.stats += stats
     for (job, image), item in zip(work, tags, strict=True):
-        batch.results.append(tagged_result(job, image, item, engine.provenance(job.run_id)))
+        batch.results.append(tagged_result(job, image, item, engine.provenance(job.run_id), thresholds))
 
 
 def _isolate(

@@ -30,6 +30,7 @@ from pipeline.db import translated_errors
 from pipeline.errors import InferenceError, SkutagError
 from pipeline.images import ImageIntake
 from pipeline.inference import BatchStats, ItemTags, TaggingEngine
+from pipeline.routing import Thresholds
 from pipeline.runner import tag_batch
 from pipeline.settings import Settings
 from schemas.images import PreparedImage
@@ -173,6 +174,8 @@ class JobHandler:
         self.pool = ThreadPoolExecutor(settings.intake_threads, thread_name_prefix="skutag-intake")
         self.batcher = DynamicBatcher(engine, settings.batch_size, settings.batch_wait_ms / 1000)
         self.tagger = _TimedTagger(self.batcher, settings.batch_time_limit_s)
+        self.thresholds = Thresholds.from_settings(settings)
+        self._run_uses_cache: dict[int, bool] = {}  # a run's config never changes: ask once per run
 
     def close(self) -> None:
         self.batcher.close()
@@ -192,7 +195,9 @@ class JobHandler:
         try:
             outcomes = self.intake.prepare_jobs(claim.claimed, self.pool)
             cache = self._cache_for(claim.claimed, outcomes)
-            batch = tag_batch(self.tagger, claim.claimed, outcomes, cache, self.settings.max_attempts)
+            batch = tag_batch(
+                self.tagger, claim.claimed, outcomes, cache, self.settings.max_attempts, self.thresholds
+            )
             report.cache_hits, report.stats = batch.cache_hits, batch.stats
             self._finish(exhausted + batch.results, batch.retries, sink, report)
         except SkutagError:
@@ -210,14 +215,21 @@ class JobHandler:
         with translated_errors("releasing jobs after an internal error"), self.database.begin() as conn:
             ledger.release_jobs(conn, [(job.job_id, error) for job in claimed])
 
-    def _cache_for(self, jobs: Sequence[JobSpec], outcomes: Sequence[object]) -> dict[str, TagResult]:
-        keys = [
-            cache_key(outcome.sha256, self.engine.provenance(job.run_id))
-            for job, outcome in zip(jobs, outcomes, strict=True)
-            if isinstance(outcome, PreparedImage)
-        ]
+    def _cache_for(self, jobs: Sequence[JobSpec], outcomes: Sequence[object]) -> dict[int, TagResult]:
+        """Stored model outputs by job id, for the jobs whose run may use the result cache
+        (`--no-cache` runs and `backfill --max-age` runs always infer)."""
         with translated_errors("reading the result cache"), self.database.connect() as conn:
-            return ledger.cached_results(conn, keys)
+            unknown = {job.run_id for job in jobs} - set(self._run_uses_cache)
+            if unknown:
+                bypass = ledger.runs_bypassing_cache(conn, unknown)
+                self._run_uses_cache |= {run_id: run_id not in bypass for run_id in unknown}
+            keys = {
+                job.job_id: cache_key(outcome.sha256, self.engine.provenance(job.run_id))
+                for job, outcome in zip(jobs, outcomes, strict=True)
+                if isinstance(outcome, PreparedImage) and self._run_uses_cache.get(job.run_id, True)
+            }
+            stored = ledger.cached_results(conn, keys.values())
+        return {job_id: stored[key] for job_id, key in keys.items() if key in stored}
 
     def _finish(
         self,

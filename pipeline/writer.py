@@ -28,6 +28,7 @@ from pipeline.errors import InputError, RetryableError
 from pipeline.listing import ListingChecker
 from pipeline.listing_store import open_listing_tasks, record_listing_issues
 from pipeline.review.tasks import open_review_tasks
+from pipeline.routing import Thresholds, routed
 from schemas.results import TagResult
 from schemas.taxonomy import CATEGORY, Taxonomy
 
@@ -256,7 +257,8 @@ def _pg_timestamp(moment: datetime) -> str:
 
 # --- the writer ------------------------------------------------------------------------------
 class ResultWriter:
-    """Writes batches of results to one database. One instance per process; thread-safe."""
+    """Writes batches of results to one database. One instance per process; thread-safe.
+    thresholds route each result to tagged / needs_review (pipeline.routing)."""
 
     def __init__(
         self,
@@ -264,11 +266,15 @@ class ResultWriter:
         taxonomy: Taxonomy,
         notify_channel: str | None = None,
         listing: ListingChecker | None = None,
+        thresholds: Thresholds | None = None,
     ) -> None:
         self.engine = engine
         self.taxonomy = taxonomy
         # Listing checks run on by default; a checker with other settings comes from the caller.
         self.listing = listing if listing is not None else ListingChecker(taxonomy)
+        # Review routing is decided here, at write time, from the thresholds in force: whatever
+        # status a worker or the result cache handed over, the stored one follows these.
+        self.thresholds = thresholds or Thresholds()
         self.notify_channel = notify_channel if engine.dialect.name == "postgresql" else None
         self._taxonomy_synced = False
 
@@ -282,7 +288,8 @@ class ResultWriter:
         invalid = find_invalid(results, self.taxonomy)
         if invalid:
             raise InvalidResultError(invalid)
-        batch = list({result.job_id: result for result in reversed(results)}.values())[::-1]
+        unique = list({result.job_id: result for result in reversed(results)}.values())[::-1]
+        batch = [routed(result, self.thresholds) for result in unique]
         if not batch:
             return WriteReport(0, 0, 0, 0, 0.0)
         self._sync_taxonomy()

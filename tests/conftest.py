@@ -171,7 +171,9 @@ def make_result(
     for attribute in taxonomy.attributes_for(category):
         value, runner_up = rng.sample([v.id for v in attribute.values], 2)
         attributes[attribute.name] = AttributeTag(
-            value=value, confidence=round(rng.uniform(0.3, 1.0), 4), runner_up=runner_up, runner_up_confidence=0.1
+            # At or above the default threshold (0.5): the writer routes by confidence, so a result
+            # made 'tagged' must be one the default thresholds leave alone.
+            value=value, confidence=round(rng.uniform(0.5, 1.0), 4), runner_up=runner_up, runner_up_confidence=0.1
         )
     return TagResult(
         job_id=job.job_id,

@@ -30,6 +30,7 @@ from kombu import Connection
 from kombu.exceptions import ChannelError, KombuError
 
 from pipeline.errors import RetryableError
+from pipeline.secrets import masked_url
 from pipeline.settings import Settings, load_settings
 from schemas.results import JobSpec, TagResult
 
@@ -105,7 +106,7 @@ class CeleryPublisher:
                     payload = [job_message(job) for job in jobs[start : start + self.chunk]]
                     self.app.send_task(TAG_TASK, args=[payload], queue=QUEUES.get(queue, queue), producer=producer)
         except (KombuError, OSError, redis.RedisError) as exc:
-            raise RetryableError(f"broker unreachable at {self.broker_url}: {exc}") from exc
+            raise RetryableError(f"broker unreachable at {masked_url(self.broker_url)}: {exc}") from exc
 
     def epoch(self) -> str | None:
         """Redis's run_id: it changes when Redis restarts, and with it every queued message is gone."""
@@ -119,7 +120,7 @@ class CeleryPublisher:
             finally:
                 client.close()
         except redis.RedisError as exc:
-            raise RetryableError(f"broker unreachable at {self.broker_url}: {exc}") from exc
+            raise RetryableError(f"broker unreachable at {masked_url(self.broker_url)}: {exc}") from exc
         self._epoch = (now, run_id)
         return run_id
 
@@ -136,7 +137,7 @@ class CelerySink:
         try:
             self.app.send_task(WRITE_TASK, args=[payload], queue=QUEUE_WRITE)
         except (KombuError, OSError, redis.RedisError) as exc:
-            raise RetryableError(f"broker unreachable at {self.broker_url}: {exc}") from exc
+            raise RetryableError(f"broker unreachable at {masked_url(self.broker_url)}: {exc}") from exc
 
 
 def queue_depths(settings: Settings) -> dict[str, int]:
@@ -148,7 +149,7 @@ def queue_depths(settings: Settings) -> dict[str, int]:
             for name in (QUEUE_NEW, QUEUE_BACKFILL, QUEUE_WRITE):
                 depths[name] = _depth(connection, name)
     except (KombuError, OSError, redis.RedisError, AMQPError) as exc:
-        raise RetryableError(f"broker unreachable at {settings.broker_url}: {exc}") from exc
+        raise RetryableError(f"broker unreachable at {masked_url(settings.broker_url)}: {exc}") from exc
     return depths
 
 

@@ -32,6 +32,7 @@ from pipeline.local import write_valid
 from pipeline.logs import log_context
 from pipeline.metrics import WorkerMetrics, WriterMetrics, serve
 from pipeline.reconcile import reconcile
+from pipeline.routing import Thresholds
 from pipeline.settings import Settings
 from pipeline.worker import JobHandler
 from pipeline.writer import ResultWriter
@@ -176,7 +177,13 @@ def run_writer(settings: Settings, reconcile_periodically: bool = True, celery_a
     app = create_app(settings)
     taxonomy = load_taxonomy(settings.taxonomy_path)
     listing = ListingChecker.from_settings(settings, taxonomy)
-    writer = ResultWriter(make_engine(settings.database_url), taxonomy, settings.notify_channel, listing)
+    writer = ResultWriter(
+        make_engine(settings.database_url),
+        taxonomy,
+        settings.notify_channel,
+        listing,
+        thresholds=Thresholds.from_settings(settings),
+    )
     metrics = WriterMetrics()
     metrics.watch_queues(lambda: queue_depths(settings))
     serve(settings.metrics_port, metrics.registry)
