@@ -59,7 +59,7 @@ def cached_result(
 
 
 def tagged_result(
-    job: JobSpec, image: PreparedImage, tags: ItemTags, provenance: Provenance, thresholds: Thresholds
+    job: JobSpec, image: PreparedImage, tags: ItemTags, provenance: Provenance, thresholds: Thresholds | None = None
 ) -> TagResult:
     result = TagResult(
         job_id=job.job_id,
@@ -71,7 +71,7 @@ def tagged_result(
         summary=tags.summary,
         provenance=provenance.model_copy(update={"timings_ms": {**_intake_timings(image), **tags.timings_ms}}),
     )
-    return routed(result, thresholds)
+    return routed(result, thresholds or Thresholds())
 
 
 def _intake_timings(image: PreparedImage) -> dict[str, float]:
@@ -122,7 +122,7 @@ def _infer(
             _fail_or_retry(batch, job, error, engine.provenance(job.run_id), max_attempts, image.sha256)
         return
     except Exception as exc:  # a bug one image may trigger: find it by halves, so only it fails
-        _isolate(engine, work, batch, max_attempts, exc)
+        _isolate(engine, work, batch, max_attempts, thresholds, exc)
         return
     batch.stats += stats
     for (job, image), item in zip(work, tags, strict=True):
@@ -130,12 +130,17 @@ def _infer(
 
 
 def _isolate(
-    engine: Tagger, work: list[tuple[JobSpec, PreparedImage]], batch: BatchOutcome, max_attempts: int, exc: Exception
+    engine: Tagger,
+    work: list[tuple[JobSpec, PreparedImage]],
+    batch: BatchOutcome,
+    max_attempts: int,
+    thresholds: Thresholds,
+    exc: Exception,
 ) -> None:
     if len(work) > 1:
         middle = len(work) // 2
-        _infer(engine, work[:middle], batch, max_attempts)
-        _infer(engine, work[middle:], batch, max_attempts)
+        _infer(engine, work[:middle], batch, max_attempts, thresholds)
+        _infer(engine, work[middle:], batch, max_attempts, thresholds)
         return
     job, image = work[0]
     log.error("tagging job %d sku %r failed unexpectedly", job.job_id, job.sku, exc_info=exc)

@@ -195,9 +195,7 @@ class JobHandler:
         try:
             outcomes = self.intake.prepare_jobs(claim.claimed, self.pool)
             cache = self._cache_for(claim.claimed, outcomes)
-            batch = tag_batch(
-                self.tagger, claim.claimed, outcomes, cache, self.settings.max_attempts, self.thresholds
-            )
+            batch = tag_batch(self.tagger, claim.claimed, outcomes, cache, self.settings.max_attempts, self.thresholds)
             report.cache_hits, report.stats = batch.cache_hits, batch.stats
             self._finish(exhausted + batch.results, batch.retries, sink, report)
         except SkutagError:

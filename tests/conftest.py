@@ -173,7 +173,10 @@ def make_result(
         attributes[attribute.name] = AttributeTag(
             # At or above the default threshold (0.5): the writer routes by confidence, so a result
             # made 'tagged' must be one the default thresholds leave alone.
-            value=value, confidence=round(rng.uniform(0.5, 1.0), 4), runner_up=runner_up, runner_up_confidence=0.1
+            value=value,
+            confidence=round(rng.uniform(0.5, 1.0), 4),
+            runner_up=runner_up,
+            runner_up_confidence=0.1,
         )
     return TagResult(
         job_id=job.job_id,
