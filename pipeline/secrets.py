@@ -3,14 +3,14 @@
 mask_secrets() rewrites any `scheme://user:password@host` (database, broker, a catalog's image
 URL, whatever an error message quotes) to `scheme://user:***@host`; the CLI passes every error
 line through it and SecretMaskingFilter does the same for every log record, so a message built
-anywhere, by skutag or by a library, is covered without each call site remembering to redact.
+anywhere, by skutag or by a library, is covered without each call site remembering to redact
+(pipeline.logs puts the filter on the one handler of every long-running process).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import Any
 
 MASK = "***"
 
@@ -41,13 +41,3 @@ class SecretMaskingFilter(logging.Filter):
         elif record.exc_text:
             record.exc_text = mask_secrets(record.exc_text)
         return True
-
-
-def install_log_masking(*loggers: Any) -> None:
-    """Attach the filter to every handler of the root logger (and of the named loggers): handler
-    filters see records from every logger that propagates to them, libraries included."""
-    targets = [logging.getLogger(), *(logging.getLogger(name) if isinstance(name, str) else name for name in loggers)]
-    for target in targets:
-        for handler in target.handlers:
-            if not any(isinstance(f, SecretMaskingFilter) for f in handler.filters):
-                handler.addFilter(SecretMaskingFilter())

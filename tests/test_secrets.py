@@ -10,8 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.logs import LogFormat, configure_logging
 from pipeline.migrate import upgrade
-from pipeline.secrets import SecretMaskingFilter, mask_secrets
+from pipeline.secrets import mask_secrets
 
 SECRET = "s3cret-pw"
 BROKER = f"redis://:{SECRET}@127.0.0.1:1/0"  # nothing listens on port 1: refused at once
@@ -70,13 +71,20 @@ def test_no_password_in_the_output_of_failing_commands(sqlite_url: str, catalog:
         assert SECRET not in output, (args, output)
 
 
-def test_log_records_are_masked_whoever_wrote_them(caplog: pytest.LogCaptureFixture) -> None:
-    logger = logging.getLogger("some.library")
-    caplog.handler.addFilter(SecretMaskingFilter())
-    with caplog.at_level(logging.INFO):
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_log_lines_are_masked_whoever_wrote_them(log_format: LogFormat, capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("worker", log_format)
+        logger = logging.getLogger("some.library")
         logger.warning("cannot connect to %s, retrying", BROKER)
         try:
             raise ConnectionError(f"refused: {DATABASE}")
         except ConnectionError:
             logger.exception("giving up")
-    assert SECRET not in caplog.text and "redis://:***@127.0.0.1:1/0" in caplog.text
+    finally:
+        root.handlers, root.level = saved[0], saved[1]
+    err = capsys.readouterr().err
+    assert "redis://:***@127.0.0.1:1/0" in err and "giving up" in err and "ConnectionError" in err
+    assert SECRET not in err
