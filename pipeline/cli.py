@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 from rich.console import Console
@@ -176,12 +176,20 @@ def model() -> None:
 @model.command("tiny")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True)
-def model_tiny(directory: Path, seed: int) -> None:
+@click.option(
+    "--tokenizer",
+    "tokenizer_kind",
+    type=click.Choice(["tiny", "qwen"]),
+    default="tiny",
+    show_default=True,
+    help="tiny: a 4k BPE trained on the taxonomy (every label one token); qwen: Qwen's real 151,936-row vocabulary.",
+)
+def model_tiny(directory: Path, seed: int, tokenizer_kind: Literal["tiny", "qwen"]) -> None:
     """Write a tiny random-weight Qwen3-VL to DIRECTORY: the real classes, a locally built tokenizer,
     loadable like the real model (INT8 included). Its tags are random; it tests the machinery."""
     from pipeline.tiny import build_tiny_model
 
-    build_tiny_model(directory, seed=seed)
+    build_tiny_model(directory, seed=seed, tokenizer_kind=tokenizer_kind)
     click.echo(f"tiny Qwen3-VL written to {directory}; use it with --model {directory} or SKUTAG_MODEL={directory}")
 
 

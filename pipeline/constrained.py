@@ -137,7 +137,7 @@ def summary_vocabulary(token_bytes: Sequence[bytes | None]) -> tuple[list[int], 
 
 def byte_level_token_bytes(vocabulary: dict[str, int], special_ids: set[int], size: int) -> list[bytes | None]:
     """The raw bytes of every token of a byte-level BPE vocabulary (GPT-2 / Qwen style)."""
-    decoder = {char: byte for byte, char in _bytes_to_unicode().items()}
+    decoder = {char: byte for byte, char in bytes_to_unicode().items()}
     table: list[bytes | None] = [None] * size
     for token, token_id in vocabulary.items():
         if token_id >= size or token_id in special_ids:
@@ -149,7 +149,7 @@ def byte_level_token_bytes(vocabulary: dict[str, int], special_ids: set[int], si
     return table
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     printable = (
         list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
@@ -169,6 +169,7 @@ __all__ = [
     "TrieNode",
     "build_plan",
     "byte_level_token_bytes",
+    "bytes_to_unicode",
     "forced_walk",
     "summary_vocabulary",
 ]

@@ -27,7 +27,8 @@ class Row:
 
     plan: DecodingPlan
     summary_cap: int
-    pending: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # to append in the next forward pass
+    answer: list[int] = field(default_factory=list)  # every token appended so far, in order
     choice: Choice | None = None
     category: str | None = None
     queue: list[str] = field(default_factory=list)
@@ -63,7 +64,7 @@ class Row:
                 choice.runner_up_confidence = mass
         choice.confidence *= probabilities[token]
         choice.node = choice.node.children[token]
-        self.pending.append(token)
+        self._append([token])
         self.decided += 1
         self._walk()
 
@@ -73,15 +74,19 @@ class Row:
             self.done = True
             return
         self.summary_tokens.append(token)
-        self.pending.append(token)
+        self._append([token])
         if len(self.summary_tokens) >= self.summary_cap:
             self.done = True  # the cap: the closing quote is implied, no forward pass needed
+
+    def _append(self, tokens: list[int]) -> None:
+        self.pending += tokens
+        self.answer += tokens
 
     def _walk(self) -> None:
         """Append forced tokens until the next decision; finish attributes on the way."""
         while self.choice is not None:
             tokens, node = forced_walk(self.choice.node)
-            self.pending += tokens
+            self._append(tokens)
             self.forced += len(tokens)
             self.choice.node = node
             if not node.is_leaf:

@@ -54,6 +54,7 @@ class ItemTags:
     summary: str | None
     review_attributes: list[str]
     timings_ms: dict[str, float] = field(default_factory=dict)  # this image's share of its batch's time
+    answer_ids: tuple[int, ...] = ()  # the answer's tokens as the model saw them (the closing quote implied)
 
     @property
     def status(self) -> Literal["tagged", "needs_review"]:
@@ -319,7 +320,13 @@ class TaggingEngine:
             text = raw.decode("utf-8", errors="ignore").strip()
             summary = text[: self.taxonomy.summary_max_chars].rstrip() or None
         review = [name for name, tag in row.tags.items() if tag.confidence < self.settings.threshold_for(name)]
-        return ItemTags(attributes=dict(row.tags), summary=summary, review_attributes=review, timings_ms=share)
+        return ItemTags(
+            attributes=dict(row.tags),
+            summary=summary,
+            review_attributes=review,
+            timings_ms=share,
+            answer_ids=tuple(row.answer),
+        )
 
 
 def _attention_mask(valid: Any, chunk_valid: Any) -> tuple[Any, Any]:

@@ -1,8 +1,10 @@
 """A tiny random-weight Qwen3-VL for tests, the demo and CPU benchmarks; and the real 8B shape.
 
 `skutag model tiny DIR` writes a model of the real Qwen3-VL classes (2-layer text model, 2-layer
-vision tower, deepstack included), a byte-level BPE tokenizer trained here on the taxonomy and the
-prompts (with the real special tokens), and a Qwen2VL image-processor config, so it loads through
+vision tower, deepstack included), a tokenizer and a Qwen2VL image-processor config. The tokenizer
+is either a byte-level BPE trained here on the taxonomy and the prompts (`tiny`: every label one
+token, a 4k vocabulary) or Qwen's real one (`qwen`: real_vocab.py, 151,936 rows, labels of several
+tokens sharing prefixes as they do for the real model). Either way the model loads through
 the very same from_pretrained path as Qwen/Qwen3-VL-8B-Instruct, INT8 included. Its tags are
 random: it exercises the machinery, not accuracy.
 """
@@ -11,7 +13,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+TokenizerKind = Literal["tiny", "qwen"]
+TOKENIZER_KINDS: tuple[TokenizerKind, ...] = ("tiny", "qwen")
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -138,15 +143,21 @@ def config(text: dict[str, Any], vision: dict[str, Any], tokens: dict[str, int])
     return Qwen3VLConfig(text_config=dict(text), vision_config=dict(vision), tie_word_embeddings=False, **tokens)
 
 
-def build_tiny_model(directory: Path, seed: int = 0) -> Path:
+def build_tiny_model(directory: Path, seed: int = 0, tokenizer_kind: TokenizerKind = "tiny") -> Path:
     """Write the tiny model to directory (created) and return it."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    if tokenizer_kind == "qwen":
+        from pipeline.real_vocab import VOCAB_SIZE, build_qwen_tokenizer
+
+        tokenizer, vocab_size = build_qwen_tokenizer(), VOCAB_SIZE
+    else:
+        tokenizer = build_tokenizer()
+        vocab_size = _round_up(len(tokenizer), 64)
     tokens = special_token_ids(tokenizer)
-    text = {**TINY_TEXT, "vocab_size": _round_up(len(tokenizer), 64)}
+    text = {**TINY_TEXT, "vocab_size": vocab_size}
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config(text, TINY_VISION, tokens))
     model.save_pretrained(directory)

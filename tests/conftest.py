@@ -199,6 +199,27 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture(scope="session")
+def qwen_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with Qwen's real 151,936-token vocabulary (built once per test session)."""
+    from pipeline.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen-model"), tokenizer_kind="qwen")
+
+
+@pytest.fixture(scope="session", params=["tiny", "qwen"])
+def any_model_dir(request: pytest.FixtureRequest) -> Path:
+    """Each tokenizer in turn: the tiny one (labels of one token) and Qwen's real one."""
+    name = "tiny_model_dir" if request.param == "tiny" else "qwen_model_dir"
+    return request.getfixturevalue(name)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def any_engine(any_model_dir: Path, taxonomy: Taxonomy) -> TaggingEngine:
+    settings = engine_settings(any_model_dir)
+    return TaggingEngine(load_model(settings), taxonomy, settings)
+
+
 def engine_settings(model_dir: Path, **overrides: object) -> Settings:
     base: dict[str, object] = {
         "model": str(model_dir),
