@@ -976,3 +976,13 @@ def _show_demo_results(database_url: str) -> None:
             )
     engine.dispose()
     console.print(table)
+
+
+# --- review ----------------------------------------------------------------------------------
+def _register_review() -> None:
+    from pipeline.review.commands import review
+
+    main.add_command(review)
+
+
+_register_review()

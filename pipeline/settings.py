@@ -150,6 +150,14 @@ class Settings(BaseSettings):
         False, description="Workers send task events (celery events, Flower); also `skutag worker --events`."
     )
 
+    # --- review app -----------------------------------------------------------------------
+    review_token: str | None = Field(
+        None, description="Shared reviewer token (16+ characters); reviewers log in with their name and it."
+    )
+    review_users_file: Path | None = Field(
+        None, description="Reviewers with scrypt-hashed passwords, `name:hash` lines (skutag review hash-password)."
+    )
+
     @field_validator("image_size")
     @classmethod
     def _image_size_fits_patches(cls, value: int) -> int:
