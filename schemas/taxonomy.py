@@ -76,6 +76,13 @@ class CategoryFieldSpec(_Strict):
     label: LabelSpec
 
 
+class ViewsSpec(_Strict):
+    """Which photo views (front, back, detail, ...) answer an attribute best, most preferred first:
+    used when a SKU's images are merged, never shown to the model."""
+
+    prefer: dict[Slug, list[Slug]] = Field(default_factory=dict)
+
+
 class TaxonomyFile(_Strict):
     name: Text
     summary: SummarySpec
@@ -83,6 +90,7 @@ class TaxonomyFile(_Strict):
     global_attributes: list[Slug] = Field(default_factory=list)
     attributes: dict[Slug, AttributeSpec]
     categories: list[CategorySpec] = Field(min_length=1)
+    views: ViewsSpec = Field(default_factory=ViewsSpec)
 
 
 # --- the resolved, queryable taxonomy -------------------------------------------------------
@@ -135,6 +143,8 @@ class Taxonomy:
     summary_label: LabelSpec
     summary_max_chars: int
     source: str = field(default="", compare=False)
+    # attribute -> views, most preferred first (merging a SKU's images); not part of the version
+    view_preferences: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
 
     def attributes_for(self, category_id: str) -> tuple[Attribute, ...]:
         """What is asked after the category is chosen: the global attributes, then its own."""
@@ -237,6 +247,9 @@ def _cross_reference_problems(spec: TaxonomyFile) -> Iterable[tuple[str, str]]:
         else:
             yield from _duplicate_problems(where, _own_and_inherited(spec, name))
     yield from _duplicate_problems("categories", [category_value(c) for c in spec.categories])
+    for name in spec.views.prefer:
+        if name != CATEGORY and name not in spec.attributes:
+            yield f"views.prefer.{name}", f"unknown attribute {name!r}"
     for index, name in enumerate(spec.global_attributes):
         if name not in spec.attributes:
             yield f"global_attributes[{index}]", f"unknown attribute {name!r}"
@@ -332,6 +345,7 @@ def _resolve(spec: TaxonomyFile, source: str) -> Taxonomy:
         summary_label=spec.summary.label,
         summary_max_chars=spec.summary.max_chars,
         source=source,
+        view_preferences={name: tuple(views) for name, views in spec.views.prefer.items()},
     )
 
 
@@ -350,6 +364,8 @@ def _narrow(attributes: Mapping[str, Attribute], entry: str | dict[str, list[str
 
 
 def taxonomy_version(spec: TaxonomyFile) -> str:
-    """A hash of the normalized content: key order and YAML formatting do not change it."""
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+    """A hash of the normalized content: key order and YAML formatting do not change it. View
+    preferences are left out: they change how a SKU's images are merged, not what the model is
+    asked, so editing them re-merges without re-tagging."""
+    canonical = json.dumps(spec.model_dump(mode="json", exclude={"views"}), sort_keys=True, ensure_ascii=False)
     return "tx-" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
