@@ -230,6 +230,24 @@ def tag_image(ctx: click.Context, /, image_uri: str, **overrides: Any) -> None:
         sys.exit(2)
 
 
+# --- doctor ----------------------------------------------------------------------------------
+@main.command()
+@model_options
+@click.pass_context
+def doctor(ctx: click.Context, /, **overrides: Any) -> None:
+    """Check that this machine can run skutag: settings, database reachable and migrated, broker
+    reachable, model files and config, GPU and bitsandbytes' CUDA kernels, image roots, free disk.
+    One line per check. Exit code: 0 all ok, 1 a warning, 2 a check failed."""
+    from pipeline.doctor import run_checks, worst
+
+    root = ctx.find_root().params
+    checks = []
+    for check in run_checks({"database_url": root.get("database_url"), **overrides}):
+        click.echo(check.line())
+        checks.append(check)
+    sys.exit(int(worst(checks)))
+
+
 # --- benchmarks ------------------------------------------------------------------------------
 def bench_services(command: Any) -> Any:
     """--database-url (a Postgres server for scratch databases) and --broker-url (flushed)."""
