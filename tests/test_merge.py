@@ -94,5 +94,5 @@ def test_view_preferences_are_validated_and_do_not_change_the_version(taxonomy: 
     document["views"] = {"prefer": {"pattern": ["back"]}}
     assert parse_taxonomy(document, "edited").version == taxonomy.version
     document["views"] = {"prefer": {"no_such_attribute": ["front"]}}
-    with pytest.raises(TaxonomyError, match="views.prefer.no_such_attribute"):
+    with pytest.raises(TaxonomyError, match=r"views\.prefer\.no_such_attribute"):
         parse_taxonomy(document, "edited")
