@@ -37,13 +37,14 @@ class Catalog:
 
 
 def build_catalog(engine: Engine, taxonomy: Taxonomy, root: Path, count: int = 6, prefix: str = "SKU") -> Catalog:
-    """count dresses, each with a real PNG under root; item i has pattern confidence 0.1 + i/100."""
+    """count dresses and skirts, each with a real PNG under root; item i has pattern confidence
+    0.1 + i/200, odd items also style at 0.4, every other attribute 0.9."""
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for index in range(count):
         path = root / f"{abs(hash(prefix))}-{index}.png"
         Image.new("RGB", (64, 48), (index * 30 % 256, 80, 120)).save(path)
-        title = f"{HOSTILE} dress {index}" if index == 0 else f"dress {index}"
+        title = f"{HOSTILE} item {index}" if index == 0 else f"item {index}"
         rows.append(ledger.CatalogRow(sku=f"{prefix}-{index:03d}", image_uri=str(path), title=title))
     with engine.begin() as conn:
         ledger.upsert_items(conn, rows)
@@ -53,8 +54,9 @@ def build_catalog(engine: Engine, taxonomy: Taxonomy, root: Path, count: int = 6
     results = []
     for index, job in enumerate(jobs):
         result = make_result(job, taxonomy, category="dress" if index % 3 else "skirt")
-        tags = dict(result.attributes)
-        tags["pattern"] = tags["pattern"].model_copy(update={"confidence": 0.1 + index / 100})
+        # The writer routes by the thresholds in force (0.5): only pattern (and style on odd items) go to review.
+        tags = {name: tag.model_copy(update={"confidence": 0.9}) for name, tag in result.attributes.items()}
+        tags["pattern"] = tags["pattern"].model_copy(update={"confidence": 0.1 + index / 200})
         review = ["pattern"] + (["style"] if index % 2 else [])
         if "style" in review:
             tags["style"] = tags["style"].model_copy(update={"confidence": 0.4})
@@ -103,12 +105,12 @@ def decide(client: TestClient, token: str, **body: Any) -> Any:
 
 def test_the_queue_lists_lowest_confidence_first_with_filters_and_counts(client: TestClient, catalog: Catalog) -> None:
     page = client.get("/").text
-    assert queue_skus(page) == [r.sku for r in catalog.results]  # pattern 0.10, 0.11, ... 0.15
+    assert queue_skus(page) == [r.sku for r in catalog.results]  # pattern 0.100, 0.105, ... 0.125
     assert '<span class="count" id="total">6</span>' in page
     assert "low_confidence (9)" in page  # 6 pattern + 3 style tasks
     assert queue_skus(client.get("/?category=skirt").text) == [catalog.results[0].sku, catalog.results[3].sku]
     assert queue_skus(client.get("/?attribute=style").text) == [catalog.results[i].sku for i in (1, 3, 5)]
-    assert queue_skus(client.get("/?min=0.12&max=0.14").text) == [catalog.results[i].sku for i in (2, 3, 4)]
+    assert queue_skus(client.get("/?min=0.11&max=0.121").text) == [catalog.results[i].sku for i in (2, 3, 4)]
     assert queue_skus(client.get("/?reason=audit").text) == []
     assert queue_skus(client.get("/?run=999").text) == []
 
@@ -125,7 +127,7 @@ def test_keyset_pagination_walks_the_whole_queue_once(engine: Engine, taxonomy: 
             link = found.group(1) if found else None
 
     def lowest(index: int) -> float:  # odd items also have style at 0.4
-        return min(0.1 + index / 100, 0.4) if index % 2 else 0.1 + index / 100
+        return min(0.1 + index / 200, 0.4) if index % 2 else 0.1 + index / 200
 
     expected = sorted(range(57), key=lambda i: (lowest(i), catalog.results[i].sku))
     assert seen == [catalog.results[i].sku for i in expected]
