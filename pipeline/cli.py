@@ -547,13 +547,15 @@ def status(ctx: click.Context, run_id: int, once: bool, interval: float) -> None
     if first.state == "missing":
         raise click.BadParameter(f"there is no run {run_id}", param_hint="RUN_ID")
     if once:
-        click.echo(json.dumps({"run": run_id, "state": first.state, "jobs": first.counts}))
+        click.echo(json.dumps({"run": run_id, "state": first.state, "jobs": first.counts, "failures": first.failures}))
         sys.exit(EXIT_FOR_STATE.get(first.state, 0))
     follow = _follow_live if err_console.is_terminal else _follow_piped
     last = follow(database, first, interval)
     from pipeline.run_progress import current_rate, describe
 
     click.echo(describe(last, current_rate(first, last)))
+    if last.failures:
+        err_console.print(f"list them: skutag failures {run_id}; retry the retryable ones: skutag retry {run_id}")
     sys.exit(EXIT_FOR_STATE.get(last.state, 0))
 
 
@@ -599,12 +601,13 @@ def _follow_live(database: Any, first: Any, interval: float) -> Any:
 @click.option("--limit", default=20, show_default=True)
 @click.pass_context
 def runs(ctx: click.Context, limit: int) -> None:
-    """List the most recent runs with their job counts."""
+    """List the most recent runs with their job counts and their failures by error code."""
     import sqlalchemy as sa
     from rich.table import Table
 
     from pipeline.db import jobs
     from pipeline.db import runs as runs_table
+    from pipeline.failures import failure_counts, format_counts
 
     database = _database(settings_from(ctx))
     counts = (
@@ -612,7 +615,7 @@ def runs(ctx: click.Context, limit: int) -> None:
         .group_by(jobs.c.run_id, jobs.c.state)
         .subquery()
     )
-    columns = ("run", "kind", "state", "jobs", "done", "review", "failed", "open", "created", "finished")
+    columns = ("run", "kind", "state", "jobs", "done", "review", "failed", "open", "created", "finished", "failures")
     table = Table()
     for column in columns:
         table.add_column(column)
@@ -621,6 +624,7 @@ def runs(ctx: click.Context, limit: int) -> None:
         by_run: dict[int, dict[str, int]] = {}
         for row in conn.execute(sa.select(counts).where(counts.c.run_id.in_([r.id for r in recent]))):
             by_run.setdefault(row.run_id, {})[row.state] = row.n
+        failures = failure_counts(conn, [r.id for r in recent if by_run.get(r.id, {}).get("failed")])
     for run_row in recent:
         c = by_run.get(run_row.id, {})
         table.add_row(
@@ -628,6 +632,7 @@ def runs(ctx: click.Context, limit: int) -> None:
             str(c.get("needs_review", 0)), str(c.get("failed", 0)), str(c.get("queued", 0) + c.get("running", 0)),
             f"{run_row.created_at:%Y-%m-%d %H:%M}",
             f"{run_row.finished_at:%Y-%m-%d %H:%M}" if run_row.finished_at else "",
+            format_counts(failures.get(run_row.id, {})),
         )  # fmt: skip
     if sys.stdout.isatty():
         Console().print(table)
@@ -635,6 +640,99 @@ def runs(ctx: click.Context, limit: int) -> None:
     click.echo("\t".join(columns))  # piped: tab-separated, for scripts
     for values in zip(*(column.cells for column in table.columns), strict=True):
         click.echo("\t".join(str(value) for value in values))
+
+
+FAILURE_COLUMNS = ("sku", "code", "attempts", "message", "image_uri")
+
+
+@main.command()
+@click.argument("run_id", type=int)
+@click.option("--code", help="Only failures with this error code (e.g. not_found, fetch_failed).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table", show_default=True,
+              help="table: aligned on a terminal, tab-separated when piped; csv: RFC 4180.")  # fmt: skip
+@click.pass_context
+def failures(ctx: click.Context, run_id: int, code: str | None, fmt: str) -> None:
+    """List the failed skus of RUN with their error code, message and attempts (URL passwords masked).
+
+    \b
+      skutag failures 42 --code not_found --format csv > missing.csv"""
+    from csv import writer as csv_writer
+
+    from rich.table import Table
+
+    from pipeline.failures import failed_jobs
+    from pipeline.run_progress import snapshot
+    from pipeline.secrets import mask_secrets
+
+    database = _database(settings_from(ctx))
+    if snapshot(database, run_id).state == "missing":
+        raise click.BadParameter(f"there is no run {run_id}", param_hint="RUN_ID")
+    with database.connect() as conn:
+        rows = [
+            (f.sku, f.code, str(f.attempts), mask_secrets(f.message), mask_secrets(f.image_uri))
+            for f in failed_jobs(conn, run_id, code)
+        ]
+    if fmt == "csv":
+        out = csv_writer(sys.stdout)
+        out.writerow(FAILURE_COLUMNS)
+        out.writerows(rows)
+    elif sys.stdout.isatty():
+        table = Table(*FAILURE_COLUMNS)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+    else:
+        click.echo("\t".join(FAILURE_COLUMNS))
+        for row in rows:
+            click.echo("\t".join(value.replace("\t", " ").replace("\n", " ") for value in row))
+    err_console.print(f"{len(rows)} failed jobs in run {run_id}" + (f" with code {code}" if code else ""))
+
+
+@main.command()
+@click.argument("run_id", type=int)
+@click.option("--code", help="Only failures with this (retryable) error code.")
+@click.pass_context
+def retry(ctx: click.Context, run_id: int, code: str | None) -> None:
+    """Re-queue the retryable failures of RUN (fetch_failed, timeout, inference_failed,
+    attempts_exhausted, internal_error) as a new run, with each item's current image. Final codes
+    (not_found, corrupt, ...) fail the same way again: fix those items and submit them. A local
+    run's retry is finished with `skutag run --resume NEW_RUN`."""
+    from pipeline.db import translated_errors
+    from pipeline.errors import RetryableError
+    from pipeline.failures import format_counts, retry_failed
+    from pipeline.secrets import mask_secrets
+
+    settings = settings_from(ctx)
+    database = _database(settings)
+    with translated_errors("re-queueing failures"), database.begin() as conn:
+        planned = retry_failed(conn, run_id, code)
+    final = f"; final failures left alone: {format_counts(planned.final_left)}" if planned.final_left else ""
+    if planned.run_id is None:
+        click.echo(f"nothing to retry in run {run_id}{final}")
+        return
+    click.echo(
+        f"run {planned.run_id}: {len(planned.jobs)} jobs retrying run {run_id}'s failures "
+        f"({format_counts(planned.by_code)}){final}"
+    )
+    if planned.kind == "local":
+        click.echo(f"finish it in this process: skutag run --resume {planned.run_id}")
+        return
+    from pipeline import ledger
+    from workers.app import CeleryPublisher, create_app
+
+    publisher = CeleryPublisher(create_app(settings), settings)
+    try:
+        publisher.publish(planned.jobs, "new")
+        with translated_errors("marking jobs published"), database.begin() as conn:
+            ledger.mark_published(conn, [job.job_id for job in planned.jobs], publisher.epoch())
+    except RetryableError as exc:
+        err_console.print(
+            f"[red]error:[/red] {mask_secrets(exc.message)}; the jobs are queued in the ledger: "
+            "`skutag reconcile` (or any writer) publishes them once the broker is back",
+            markup=True,
+        )
+        sys.exit(3)
+    click.echo(f"follow it: skutag status {planned.run_id}")
 
 
 @main.command()
@@ -790,7 +888,21 @@ def _run_local(
         + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         + f"; {report.cache_hits} from the result cache; {rate:.1f} images/s"
     )
+    _print_failures_hint(database, run_id, console)
     return EXIT_FOR_STATE.get(state, 0)
+
+
+def _print_failures_hint(database: Any, run_id: int, console: Console) -> None:
+    """Failed jobs by error code, and the commands that list and retry them."""
+    from pipeline.failures import failure_counts, format_counts
+
+    with database.connect() as conn:
+        failures = failure_counts(conn, [run_id]).get(run_id)
+    if failures:
+        console.print(
+            f"failed by code: {format_counts(failures)}. List them: skutag failures {run_id}; "
+            f"retry the retryable ones: skutag retry {run_id}"
+        )
 
 
 @main.command()

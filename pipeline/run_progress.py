@@ -7,7 +7,7 @@ run's own lifetime (created to finished), so a finished run shows its real rate,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 
 from pipeline import ledger
 from pipeline.db import runs, translated_errors
+from pipeline.failures import failure_counts, format_counts
 
 OPEN_STATES = frozenset({"queued", "running"})
 
@@ -27,6 +28,7 @@ class RunSnapshot:
     created_at: datetime | None
     finished_at: datetime | None
     taken_at: datetime
+    failures: dict[str, int] = field(default_factory=dict)  # failed jobs by error code
 
     @property
     def total(self) -> int:
@@ -50,10 +52,11 @@ def snapshot(database: Engine, run_id: int) -> RunSnapshot:
             sa.select(runs.c.state, runs.c.created_at, runs.c.finished_at).where(runs.c.id == run_id)
         ).one_or_none()
         counts = ledger.run_counts(conn, run_id) if row else {}
+        failures = failure_counts(conn, [run_id]).get(run_id, {}) if counts.get("failed") else {}
     taken_at = datetime.now(UTC)
     if row is None:
         return RunSnapshot(run_id, "missing", {}, None, None, taken_at)
-    return RunSnapshot(run_id, row.state, counts, _aware(row.created_at), _aware(row.finished_at), taken_at)
+    return RunSnapshot(run_id, row.state, counts, _aware(row.created_at), _aware(row.finished_at), taken_at, failures)
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -86,6 +89,8 @@ def describe(now: RunSnapshot, rate: float | None) -> str:
     eta = eta_seconds(now, rate)
     if eta is not None:
         line += f", ETA {format_duration(eta)}"
+    if now.failures:
+        line += f"; failed by code: {format_counts(now.failures)}"
     return line
 
 

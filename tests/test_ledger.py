@@ -222,7 +222,9 @@ def test_cli_submit_and_reconcile(migrated_postgres_url: str, pg_engine: Engine,
     assert reconciled.exit_code == 0, reconciled.output
     assert reconciled.output.strip() == "0 expired leases re-queued, 0 lost messages found, 2 jobs published"
     status = runner.invoke(main, ["status", "1", "--once"], env=env)
-    assert status.exit_code == 0 and json.loads(status.output) == {"run": 1, "state": "running", "jobs": {"queued": 2}}
+    assert status.exit_code == 0 and json.loads(status.output) == {
+        "run": 1, "state": "running", "jobs": {"queued": 2}, "failures": {}
+    }  # fmt: skip
 
     empty = runner.invoke(main, ["submit", str(tmp_path / "missing.csv")], env=env)
     assert empty.exit_code == 2 and "No such file or directory" in empty.output

@@ -59,6 +59,8 @@ def test_local_run_tags_good_items_and_reports_bad_ones(tmp_path: Path, tiny_mod
     assert code == 4, output  # partial: the three bad items failed
     assert "bad row line 17: sku is empty" in output
     assert "run 1: 15 jobs, 1 bad rows" in output
+    assert "failed by code: forbidden_address 1, not_an_image 1, not_found 1" in output
+    assert "skutag failures 1" in output
     engine = make_engine(url)
     with engine.connect() as conn:
         states = dict(conn.execute(sa.text("SELECT sku, state FROM jobs")).all())
@@ -79,7 +81,10 @@ def test_local_run_tags_good_items_and_reports_bad_ones(tmp_path: Path, tiny_mod
 
     code, output = cli("--database-url", url, "status", "2", "--once")
     assert code == 4
-    assert json.loads(output) == {"run": 2, "state": "partial", "jobs": {"failed": 3, **_good_counts(engine, 2)}}
+    assert json.loads(output) == {
+        "run": 2, "state": "partial", "jobs": {"failed": 3, **_good_counts(engine, 2)},
+        "failures": {"forbidden_address": 1, "not_an_image": 1, "not_found": 1},
+    }  # fmt: skip
     code, output = cli("--database-url", url, "runs")
     assert code == 0 and "local" in output and "partial" in output
     engine.dispose()
