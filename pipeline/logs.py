@@ -85,4 +85,7 @@ def configure_logging(service: str, log_format: LogFormat, level: int = logging.
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
+    # Alembic announces its context ("Context impl ...") on every schema check: noise in a command's
+    # output, and `db upgrade` prints its own result line.
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
     logging.captureWarnings(True)  # e.g. Celery's warning about running as root, as a log line
