@@ -41,7 +41,8 @@ _SECURITY_HEADERS = {
     "frame-ancestors 'none'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: with no-referrer a form POST carries "Origin: null" and is refused.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
