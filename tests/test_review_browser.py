@@ -160,8 +160,8 @@ def test_review_an_item_with_the_keyboard(browser: Any, served: tuple[Catalog, L
     try:
         browser.get(server.url + "/")
         assert browser.find_element(By.ID, "total").text == "8"
-        assert "&lt;script&gt;" in browser.page_source and not browser.find_elements(By.XPATH, "//script[not(@src) "
-                                                                                              "and not(@type)]")  # fmt: skip
+        inline_scripts = browser.find_elements(By.XPATH, "//script[not(@src) and not(@type)]")
+        assert "&lt;script&gt;" in browser.page_source and inline_scripts == []
         first = catalog.results[1]  # lowest confidence with two open attributes: pattern, then style
         _press(browser, Keys.ENTER)
         _wait(lambda: "/item" in browser.current_url)
