@@ -23,6 +23,7 @@ from pipeline.settings import Settings, load_settings
 from schemas.images import PreparedImage
 from schemas.results import AttributeTag, JobSpec, Provenance, TagResult
 from schemas.taxonomy import CATEGORY, Taxonomy, default_taxonomy
+from tests.rabbitmq import RabbitMQServer, rabbitmq_installed
 
 POSTGRES_URL = os.environ.get("SKUTAG_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("SKUTAG_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -52,6 +53,31 @@ def redis_url() -> Iterator[str]:
     yield REDIS_URL
     client.flushdb()
     client.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQServer]:
+    """A private rabbitmq-server for this test session (started on first use; ~20 s)."""
+    if not rabbitmq_installed():
+        _unavailable(
+            "RabbitMQ", FileNotFoundError("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
+        )
+    server = RabbitMQServer(tmp_path_factory.mktemp("rabbitmq"))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        _unavailable("RabbitMQ", exc)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def rabbitmq_url(rabbitmq_server: RabbitMQServer) -> Iterator[str]:
+    """The private RabbitMQ with skutag's queues deleted before and after (like flushdb for Redis)."""
+    rabbitmq_server.delete_queues()
+    yield rabbitmq_server.url
+    if rabbitmq_server.process is not None:
+        rabbitmq_server.delete_queues()
 
 
 @pytest.fixture(scope="session")

@@ -112,3 +112,11 @@ def test_a_full_disk_fails(healthy: dict[str, str], monkeypatch: pytest.MonkeyPa
 def test_on_a_gpu_the_bitsandbytes_kernels_are_checked(healthy: dict[str, str]) -> None:
     result, levels = doctor(healthy | {"SKUTAG_DEVICE": "cuda", "SKUTAG_QUANTIZATION": "int8"})
     assert levels["gpu"] == "ok" and "bitsandbytes CUDA kernels work (int8)" in result.output, result.output
+
+
+@pytest.mark.rabbitmq
+def test_the_broker_check_speaks_amqp_too(healthy: dict[str, str], rabbitmq_url: str) -> None:
+    result, levels = doctor(healthy | {"SKUTAG_BROKER_URL": rabbitmq_url})
+    assert levels["broker"] == "ok" and "reachable (py-amqp)" in result.output, result.output
+    result, levels = doctor(healthy | {"SKUTAG_BROKER_URL": "amqp://guest:guest@127.0.0.1:1//"})
+    assert levels["broker"] == "fail" and "unreachable" in result.output

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-import redis
 from click.testing import CliRunner
 from prometheus_client import generate_latest
 from sqlalchemy.engine import Engine
@@ -50,18 +49,25 @@ def test_worker_metrics_follow_prometheus_conventions() -> None:
     assert "process_cpu_seconds_total" in text and "python_info" in text
 
 
-@pytest.mark.redis
-def test_queue_depth_is_read_from_redis_at_scrape_time(redis_url: str) -> None:
-    from workers.app import queue_depths
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """Each broker skutag supports: the test Redis database, a private RabbitMQ."""
+    return str(request.getfixturevalue(f"{request.param}_url"))
 
-    client = redis.Redis.from_url(redis_url)
-    client.lpush("skutag.backfill", "a", "b", "c")
+
+def test_queue_depth_is_read_from_the_broker_at_scrape_time(broker_url: str) -> None:
+    from schemas.results import JobSpec
+    from workers.app import CeleryPublisher, create_app, queue_depths
+
+    settings = load_settings(broker_url=broker_url, batch_size=1)  # one message per job
+    jobs = [JobSpec(job_id=i, run_id=1, sku=f"Q-{i}", image_uri=f"file:///q/{i}.jpg") for i in range(3)]
+    CeleryPublisher(create_app(settings), settings).publish(jobs, "backfill")
     metrics = WorkerMetrics()
-    settings = load_settings(broker_url=redis_url)
     metrics.watch_queues(lambda: queue_depths(settings))
     text = scrape(metrics.registry)
     assert 'skutag_queue_depth{queue="skutag.backfill"} 3.0' in text
-    assert 'skutag_queue_depth{queue="skutag.new"} 0.0' in text
+    assert 'skutag_queue_depth{queue="skutag.new"} 0.0' in text  # never declared: nothing waits
+    assert 'skutag_queue_depth{queue="skutag.write"} 0.0' in text
 
 
 def test_a_scrape_survives_redis_being_down() -> None:

@@ -1,6 +1,7 @@
-"""End to end through real services: a real Postgres database, a real Redis server (our own, so a
-test may restart it), real `skutag worker` and `skutag writer` subprocesses, the tiny model.
-Failures are real too: SIGKILL, a Redis restart, Postgres connections cut mid-write."""
+"""End to end through real services: a real Postgres database, a real broker (our own Redis or
+RabbitMQ server, so a test may restart it; every test runs on both), real `skutag worker` and
+`skutag writer` subprocesses, the tiny model. Failures are real too: SIGKILL, a broker restart,
+Postgres connections cut mid-write."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import redis
@@ -28,8 +29,9 @@ from pipeline.producer import SubmitReport, submit_catalog
 from pipeline.settings import Settings, load_settings
 from schemas.taxonomy import Taxonomy
 from tests.conftest import _unavailable, create_database, drop_database
+from tests.rabbitmq import RabbitMQServer
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.rabbitmq]
 
 
 def free_port() -> int:
@@ -40,6 +42,8 @@ def free_port() -> int:
 
 class RedisServer:
     """A private redis-server without persistence: restarting it loses every queued message."""
+
+    name = "redis"
 
     def __init__(self, directory: Path) -> None:
         self.port = free_port()
@@ -84,18 +88,43 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+class Broker(Protocol):
+    name: str
+
+    @property
+    def url(self) -> str: ...
+
+    def restart(self) -> None: ...
+
+
+class PrivateRabbitMQ:
+    """The session's private RabbitMQ, its skutag queues emptied for this test."""
+
+    name = "rabbitmq"
+
+    def __init__(self, server: RabbitMQServer) -> None:
+        self.server = server
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def restart(self) -> None:
+        self.server.restart()
+
+
 class Pipeline:
     """Services, settings and worker processes for one test."""
 
-    def __init__(self, database_url: str, redis_server: RedisServer, model_dir: Path, images: Path, logs: Path) -> None:
+    def __init__(self, database_url: str, broker: Broker, model_dir: Path, images: Path, logs: Path) -> None:
         self.database_url = database_url
-        self.redis = redis_server
+        self.broker = broker
         self.images = images
         self.logs = logs
         self.env = {
             **os.environ,
             "SKUTAG_DATABASE_URL": database_url,
-            "SKUTAG_BROKER_URL": redis_server.url,
+            "SKUTAG_BROKER_URL": broker.url,
             "SKUTAG_MODEL": str(model_dir),
             "SKUTAG_QUANTIZATION": "fp32",
             "SKUTAG_DEVICE": "cpu",
@@ -174,26 +203,34 @@ class Pipeline:
         )
 
 
-@pytest.fixture
-def pipeline(tmp_path: Path, tiny_model_dir: Path, postgres_admin: Engine) -> Iterator[Pipeline]:
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
+    """A broker this test may restart: a private redis-server, or the session's private RabbitMQ."""
+    if request.param == "rabbitmq":
+        request.getfixturevalue("rabbitmq_url")  # its queues emptied before and after
+        yield PrivateRabbitMQ(request.getfixturevalue("rabbitmq_server"))
+        return
     if shutil.which("redis-server") is None:
         _unavailable("redis-server", FileNotFoundError("redis-server is not installed"))
     server = RedisServer(tmp_path)
     server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, tiny_model_dir: Path, postgres_admin: Engine, broker: Broker) -> Iterator[Pipeline]:
     url = create_database(postgres_admin)
     upgrade(url)
     images = tmp_path / "images"
     images.mkdir()
     logs = tmp_path / "logs"
     logs.mkdir()
-    running = Pipeline(url, server, tiny_model_dir, images, logs)
+    running = Pipeline(url, broker, tiny_model_dir, images, logs)
     try:
         yield running
-    except BaseException:
-        raise
     finally:
         running.stop_all()
-        server.stop()
         drop_database(postgres_admin, url)
 
 
@@ -254,7 +291,10 @@ def test_a_worker_killed_mid_batch_loses_nothing(pipeline: Pipeline, taxonomy: T
     assert_exactly_once(pipeline, report.run_id, 300)
 
 
-def test_a_redis_restart_loses_nothing_after_reconcile(pipeline: Pipeline, taxonomy: Taxonomy) -> None:
+def test_a_broker_restart_loses_nothing(pipeline: Pipeline, taxonomy: Taxonomy) -> None:
+    """Redis (no persistence) loses every message: the reconciler sees its run_id change and
+    re-publishes. RabbitMQ keeps its durable queues' confirmed messages: nothing to re-publish,
+    and the unacknowledged ones come back. Either way each job ends with exactly one result."""
     from pipeline.reconcile import reconcile
     from workers.app import CeleryPublisher, create_app
 
@@ -262,10 +302,11 @@ def test_a_redis_restart_loses_nothing_after_reconcile(pipeline: Pipeline, taxon
     pipeline.start("writer")
     report = pipeline.submit(catalog(pipeline, 300, prefix="R"), taxonomy)
     pipeline.wait_for_results(20)
-    pipeline.redis.restart()  # queued and unacknowledged messages are gone
+    pipeline.broker.restart()
     settings = pipeline.settings
     reconciled = reconcile(pipeline.engine, CeleryPublisher(create_app(settings), settings), settings)
-    assert reconciled.lost_messages + reconciled.published > 0
+    if pipeline.broker.name == "redis":  # queued and unacknowledged messages are gone
+        assert reconciled.lost_messages + reconciled.published > 0
     pipeline.wait_for_run(report.run_id)
     assert_exactly_once(pipeline, report.run_id, 300)
 

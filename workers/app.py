@@ -34,6 +34,9 @@ from pipeline.secrets import masked_url
 from pipeline.settings import Settings, load_settings
 from schemas.results import JobSpec, TagResult
 
+# What kombu, redis-py and py-amqp raise when the broker is down or drops us: translated here.
+BROKER_ERRORS = (KombuError, OSError, redis.RedisError, AMQPError)
+
 QUEUE_NEW = "skutag.new"
 QUEUE_BACKFILL = "skutag.backfill"
 QUEUE_WRITE = "skutag.write"
@@ -59,7 +62,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {"visibility_timeout": max(2 * settings.lease_s, 10)},
+        "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "worker_hijack_root_logger": False,
@@ -70,6 +73,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": settings.worker_events,
         "task_send_sent_event": settings.worker_events,
     }
+
+
+def is_redis(broker_url: str) -> bool:
+    return broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """Redis: unacknowledged messages come back after the visibility timeout, set above the job
+    lease so a slow batch is not redelivered while it runs. RabbitMQ: they come back when the
+    consumer's connection drops; publisher confirms make a publish return only once the broker
+    has the (persistent) message, so a broker crash right after cannot lose it."""
+    if is_redis(settings.broker_url):
+        return {"visibility_timeout": max(2 * settings.lease_s, 10)}
+    return {"confirm_publish": True}
 
 
 def environment_app() -> Celery:
@@ -105,11 +122,14 @@ class CeleryPublisher:
                 for start in range(0, len(jobs), self.chunk):
                     payload = [job_message(job) for job in jobs[start : start + self.chunk]]
                     self.app.send_task(TAG_TASK, args=[payload], queue=QUEUES.get(queue, queue), producer=producer)
-        except (KombuError, OSError, redis.RedisError) as exc:
+        except BROKER_ERRORS as exc:
             raise RetryableError(f"broker unreachable at {masked_url(self.broker_url)}: {exc}") from exc
 
     def epoch(self) -> str | None:
-        """Redis's run_id: it changes when Redis restarts, and with it every queued message is gone."""
+        """Redis's run_id: it changes when Redis restarts, and with it every queued message is gone.
+        None for RabbitMQ: its durable queues keep confirmed persistent messages across restarts."""
+        if not is_redis(self.broker_url):
+            return None
         now = time.monotonic()
         if self._epoch is not None and now - self._epoch[0] < 5:
             return self._epoch[1]
@@ -136,7 +156,7 @@ class CelerySink:
         payload = [result.model_dump(mode="json") for result in results]
         try:
             self.app.send_task(WRITE_TASK, args=[payload], queue=QUEUE_WRITE)
-        except (KombuError, OSError, redis.RedisError) as exc:
+        except BROKER_ERRORS as exc:
             raise RetryableError(f"broker unreachable at {masked_url(self.broker_url)}: {exc}") from exc
 
 
@@ -148,7 +168,7 @@ def queue_depths(settings: Settings) -> dict[str, int]:
         with Connection(settings.broker_url, connect_timeout=5) as connection:
             for name in (QUEUE_NEW, QUEUE_BACKFILL, QUEUE_WRITE):
                 depths[name] = _depth(connection, name)
-    except (KombuError, OSError, redis.RedisError, AMQPError) as exc:
+    except BROKER_ERRORS as exc:
         raise RetryableError(f"broker unreachable at {masked_url(settings.broker_url)}: {exc}") from exc
     return depths
 
