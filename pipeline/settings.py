@@ -40,7 +40,8 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL. SQLite for a first try; postgresql+psycopg2://... in production.",
     )
     broker_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Celery broker: redis://host:6379/N, or amqp://user:password@host:5672/vhost."
+        "redis://127.0.0.1:6379/0",
+        description="Celery broker: redis://host:6379/N, or amqp://user:password@host:5672/vhost.",
     )
     notify_channel: str = Field(
         "skutag_tags_changed", pattern=r"^[a-z_][a-z0-9_]*$", description="Postgres NOTIFY channel."
