@@ -20,69 +20,30 @@ queue's new jobs (the reconciler leaves them to it), so the bound on outstanding
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Connection, Engine
 
 from pipeline import ledger
-from pipeline.db import copy_rows, jobs, runs, translated_errors
-from pipeline.errors import LockedError
+from pipeline.db import make_engine, translated_errors
 from pipeline.images import Fetcher, FetchPolicy, IntakeError
+from pipeline.ledger import backfill_lock
+from pipeline.ledger.plan import add_content_changed, count_plan, insert_plan, reset_content_changed
 from pipeline.producer import config_snapshot
 from pipeline.settings import Settings
 from pipeline.worker import JobPublisher
-from schemas.results import RETRYABLE_CODES, ErrorCode, JobSpec
 from schemas.taxonomy import Taxonomy
 
 log = logging.getLogger("skutag.backfill")
 
-BACKFILL_LOCK = 0x5C07B1
 QUEUE = "backfill"
-REASONS = (
-    "retry_failed", "never_tagged", "image_uri_changed", "image_content_changed", "model_changed",
-    "quantization_changed", "taxonomy_changed", "prompt_changed", "older_than_max_age",
-)  # fmt: skip
-RETRYABLE = (*(code.value for code in RETRYABLE_CODES), ErrorCode.ATTEMPTS_EXHAUSTED.value)
-
-# One row per item that needs a job, with its reason. The last job per sku comes from the
-# (sku, id) index; the failure count is only evaluated for items whose last job failed.
-_PLAN = """
-SELECT sku, image_uri, reason FROM (
-  SELECT i.sku, i.image_uri,
-    CASE
-      WHEN lj.state IN ('queued', 'running') THEN NULL
-      WHEN lj.state = 'failed' AND lj.image_uri = i.image_uri AND lj.last_error_code NOT IN ({retryable}) THEN NULL
-      WHEN lj.state = 'failed' AND lj.image_uri = i.image_uri THEN
-        CASE WHEN (SELECT count(*) FROM jobs f WHERE f.sku = i.sku AND f.state = 'failed') < :max_failures
-             THEN 'retry_failed' END
-      WHEN t.sku IS NULL THEN 'never_tagged'
-      WHEN t.image_uri IS NULL OR t.image_uri <> i.image_uri THEN 'image_uri_changed'
-      WHEN cc.sku IS NOT NULL THEN 'image_content_changed'
-      WHEN t.model_id <> :model_id THEN 'model_changed'
-      WHEN t.quantization <> :quantization THEN 'quantization_changed'
-      WHEN t.taxonomy_version <> :taxonomy_version THEN 'taxonomy_changed'
-      WHEN t.prompt_version <> :prompt_version THEN 'prompt_changed'
-      WHEN t.produced_at < :cutoff THEN 'older_than_max_age'
-    END AS reason
-  FROM items i
-  LEFT JOIN tag_sets t ON t.sku = i.sku
-  LEFT JOIN content_changed cc ON cc.sku = i.sku
-  LEFT JOIN jobs lj ON lj.id = (SELECT max(j.id) FROM jobs j WHERE j.sku = i.sku)
-) planned
-WHERE reason IS NOT NULL
-"""
-
-_CONTENT_TABLE = "CREATE TEMP TABLE IF NOT EXISTS content_changed (sku text PRIMARY KEY)"
 
 
 @dataclass(frozen=True)
@@ -115,48 +76,6 @@ class BackfillSummary:
     resumed: bool = False
 
 
-# --- the lock --------------------------------------------------------------------------------
-@contextmanager
-def backfill_lock(database: Engine) -> Iterator[Connection]:
-    """Hold the one-backfill-at-a-time lock for the duration; yields the connection that holds it
-    (Postgres: a session advisory lock; SQLite: an flock beside the database file)."""
-    with translated_errors("taking the backfill lock"), database.connect() as conn:
-        if conn.dialect.name == "postgresql":
-            if not conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": BACKFILL_LOCK}).scalar_one():
-                conn.rollback()
-                raise LockedError("another backfill is running (it holds the backfill lock); this one did not start")
-            conn.commit()
-            try:
-                yield conn
-            finally:
-                conn.rollback()
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": BACKFILL_LOCK})
-                conn.commit()
-            return
-        with _file_lock(_sqlite_lock_path(database)):
-            yield conn
-
-
-def _sqlite_lock_path(database: Engine) -> Path:
-    name = make_url(str(database.url)).database or "memory"
-    return Path(f"{name}.backfill.lock")
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with path.open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise LockedError(
-                "another backfill is running (it holds the backfill lock); this one did not start"
-            ) from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 # --- planning --------------------------------------------------------------------------------
 def _plan_params(settings: Settings, taxonomy: Taxonomy, max_age: timedelta | None, now: datetime) -> dict[str, Any]:
     versions = config_snapshot(settings, taxonomy)
@@ -171,41 +90,6 @@ def _plan_params(settings: Settings, taxonomy: Taxonomy, max_age: timedelta | No
     }
 
 
-def _plan_query() -> str:
-    return _PLAN.format(retryable=", ".join(f"'{code}'" for code in RETRYABLE))
-
-
-def _bind(text: str) -> sa.TextClause:
-    return sa.text(text).bindparams(sa.bindparam("cutoff", type_=sa.DateTime(timezone=True)))
-
-
-def count_plan(conn: Connection, params: dict[str, Any]) -> dict[str, int]:
-    rows = conn.execute(_bind(f"SELECT reason, count(*) FROM ({_plan_query()}) p GROUP BY reason"), params)
-    return {reason: int(count) for reason, count in rows}
-
-
-def insert_plan(conn: Connection, run_id: int, params: dict[str, Any], now: datetime) -> None:
-    """Create the run's jobs in one statement (a resumed run gets only what it is missing)."""
-    statement = _bind(f"""
-        INSERT INTO jobs (run_id, sku, image_uri, reason, queue, state, attempts, created_at, updated_at)
-        SELECT :run_id, sku, image_uri, reason, '{QUEUE}', 'queued', 0, :now, :now FROM ({_plan_query()}) p
-        WHERE true
-        ON CONFLICT (run_id, sku) DO NOTHING""").bindparams(sa.bindparam("now", type_=sa.DateTime(timezone=True)))
-    conn.execute(statement, {**params, "run_id": run_id, "now": now})
-    total = sa.select(sa.func.count()).where(jobs.c.run_id == run_id).scalar_subquery()
-    conn.execute(sa.update(runs).where(runs.c.id == run_id).values(total_jobs=total))
-
-
-def open_backfill_run(conn: Connection) -> int | None:
-    statement = (
-        sa.select(runs.c.id)
-        .where(runs.c.kind == "backfill", runs.c.state == "running")
-        .order_by(runs.c.id.desc())
-        .limit(1)
-    )
-    return conn.execute(statement).scalar_one_or_none()
-
-
 # --- content check ---------------------------------------------------------------------------
 def check_content(conn: Connection, settings: Settings, threads: int = 16, page: int = 2000) -> dict[str, int]:
     """Re-fetch tagged images whose URI did not change (conditionally, with the stored ETag /
@@ -213,13 +97,9 @@ def check_content(conn: Connection, settings: Settings, threads: int = 16, page:
     longer match their tags."""
     fetcher = Fetcher(FetchPolicy.from_settings(settings))
     counts = {"checked": 0, "not_modified": 0, "changed": 0, "errors": 0}
-    query = sa.text("""
-        SELECT i.sku, i.image_uri, i.image_etag, i.image_last_modified, t.image_sha256
-        FROM items i JOIN tag_sets t ON t.sku = i.sku AND t.image_uri = i.image_uri
-        WHERE i.sku > :after ORDER BY i.sku LIMIT :page""")
     after = ""
     with ThreadPoolExecutor(threads, thread_name_prefix="skutag-check") as pool:
-        while rows := conn.execute(query, {"after": after, "page": page}).all():
+        while rows := ledger.tagged_items_page(conn, after, page):
             after = rows[-1].sku
             outcomes = list(pool.map(lambda row: _check_one(fetcher, row), rows))
             _record_checks(conn, rows, outcomes, counts)
@@ -243,34 +123,18 @@ def _record_checks(
 ) -> None:
     changed = [row.sku for row, (verdict, _, _) in zip(rows, outcomes, strict=True) if verdict == "changed"]
     tally = {"not_modified": "not_modified", "changed": "changed", "error": "errors"}
-    validators = []
+    validators: list[tuple[str, str | None, str | None]] = []
     for row, (verdict, etag, modified) in zip(rows, outcomes, strict=True):
         counts["checked"] += 1
         if verdict in tally:
             counts[tally[verdict]] += 1
         if etag or modified:
-            validators.append({"e": etag, "m": modified, "s": row.sku})
-    if validators:  # one executemany per page, not a round trip per item
-        conn.execute(sa.text("UPDATE items SET image_etag = :e, image_last_modified = :m WHERE sku = :s"), validators)
-    if changed:
-        if conn.dialect.name == "postgresql":
-            copy_rows(conn, "content_changed", ("sku",), [(sku,) for sku in changed])
-        else:
-            conn.exec_driver_sql("INSERT OR IGNORE INTO content_changed (sku) VALUES (?)", [(sku,) for sku in changed])
+            validators.append((row.sku, etag, modified))
+    ledger.store_validators(conn, validators)  # one executemany per page, not a round trip per item
+    add_content_changed(conn, changed)
 
 
 # --- enqueue with backpressure ---------------------------------------------------------------
-def outstanding(conn: Connection, run_id: int) -> int:
-    statement = sa.select(sa.func.count()).where(
-        jobs.c.run_id == run_id, jobs.c.state.in_(("queued", "running")), jobs.c.published_at.is_not(None)
-    )
-    return int(conn.execute(statement).scalar_one())
-
-
-def _unpublished(conn: Connection, run_id: int, limit: int) -> list[JobSpec]:
-    return ledger.select_jobs(conn, jobs.c.run_id == run_id, ledger.UNPUBLISHED, limit=limit)
-
-
 @dataclass
 class EnqueueProgress:
     published: int = 0
@@ -297,10 +161,10 @@ def enqueue(
     epoch = publisher.epoch()
     while True:
         with translated_errors("enqueueing backfill jobs"), database.begin() as conn:
-            in_flight = outstanding(conn, run_id)
+            in_flight = ledger.outstanding_jobs(conn, run_id)
             progress.peak_outstanding = max(progress.peak_outstanding, in_flight)
             room = max_outstanding - in_flight
-            batch = _unpublished(conn, run_id, min(room, page)) if room > 0 else []
+            batch = ledger.unpublished_run_jobs(conn, run_id, min(room, page)) if room > 0 else []
             if batch:
                 publisher.publish(batch, QUEUE)
                 ledger.mark_published(conn, [job.job_id for job in batch], epoch)
@@ -322,44 +186,33 @@ def enqueue(
 
 def _has_unpublished(database: Engine, run_id: int) -> bool:
     with database.connect() as conn:
-        return bool(_unpublished(conn, run_id, 1))
+        return bool(ledger.unpublished_run_jobs(conn, run_id, 1))
 
 
 # --- summary ---------------------------------------------------------------------------------
-_GPU_MS = ("preprocess_ms", "vision_ms", "prefill_ms", "decode_ms")
 
 
 def summarize(
     database: Engine, run_id: int, planning_s: float = 0.0, published: int = 0, resumed: bool = False
 ) -> BackfillSummary:
     with translated_errors("summarizing the backfill"), database.connect() as conn:
-        run = conn.execute(sa.select(runs).where(runs.c.id == run_id)).one()
+        run = ledger.run_row(conn, run_id)
         by_state = ledger.run_counts(conn, run_id)
-        planned: dict[str, int] = dict(
-            conn.execute(
-                sa.select(jobs.c.reason, sa.func.count()).where(jobs.c.run_id == run_id).group_by(jobs.c.reason)
-            ).all()
-        )
-        failed: dict[str, int] = dict(
-            conn.execute(
-                sa.select(jobs.c.last_error_code, sa.func.count())
-                .where(jobs.c.run_id == run_id, jobs.c.state == "failed")
-                .group_by(jobs.c.last_error_code)
-            ).all()
-        )
-        gpu_ms, tagged = _gpu_milliseconds(conn, run_id)
+        planned = ledger.jobs_by_reason(conn, run_id)
+        failed = ledger.failures_by_code(conn, run_id)
+        gpu_ms, tagged = ledger.gpu_milliseconds(conn, run_id)
         hits = ledger.cache_hits(conn, run_id)
     ended = run.finished_at or ledger.utcnow()
     started = run.created_at if run.created_at.tzinfo else run.created_at.replace(tzinfo=ended.tzinfo)
     ended = ended if ended.tzinfo else ended.replace(tzinfo=started.tzinfo)
     duration = max((ended - started).total_seconds(), 1e-9)
-    finished = sum(count for state, count in by_state.items() if state not in {"queued", "running"})
+    finished = ledger.finished_count(by_state)
     return BackfillSummary(
         run_id=run_id,
         state=run.state,
         jobs_by_state=by_state,
-        planned_by_reason={str(k): int(v) for k, v in planned.items()},
-        failed_by_reason={str(k): int(v) for k, v in failed.items()},
+        planned_by_reason=planned,
+        failed_by_reason=failed,
         cache_hits=hits,
         started_at=started.isoformat(),
         finished_at=run.finished_at.isoformat() if run.finished_at else None,
@@ -372,29 +225,10 @@ def summarize(
     )
 
 
-def _gpu_milliseconds(conn: Connection, run_id: int) -> tuple[float, int]:
-    if conn.dialect.name == "postgresql":
-        parts = " + ".join(f"COALESCE((r.timings->>'{name}')::float8, 0)" for name in _GPU_MS)
-    else:
-        parts = " + ".join(f"COALESCE(json_extract(r.timings, '$.{name}'), 0)" for name in _GPU_MS)
-    statement = sa.text(
-        f"SELECT COALESCE(sum({parts}), 0), count(*) FROM results r "
-        "WHERE r.run_id = :run AND r.status <> 'failed' AND NOT r.cache_hit"
-    )
-    total, count = conn.execute(statement, {"run": run_id}).one()
-    return float(total), int(count)
-
-
 def estimate_seconds(database: Engine, jobs_to_run: int, recent_runs: int = 5) -> float | None:
     """From the throughput of recent finished runs: their finished jobs over their wall time."""
-    statement = (
-        sa.select(runs.c.created_at, runs.c.finished_at, runs.c.total_jobs)
-        .where(runs.c.finished_at.is_not(None), runs.c.total_jobs > 0)
-        .order_by(runs.c.id.desc())
-        .limit(recent_runs)
-    )
     with database.connect() as conn:
-        rows = conn.execute(statement).all()
+        rows = ledger.recent_finished_runs(conn, recent_runs)
     seconds = sum(max((r.finished_at - r.created_at).total_seconds(), 1e-3) for r in rows)
     done = sum(r.total_jobs for r in rows)
     return round(jobs_to_run / (done / seconds), 1) if rows and done else None
@@ -443,8 +277,7 @@ def run_backfill(
 ) -> BackfillSummary | DryRun:
     """Lock, refresh, plan, enqueue, summarize. Raises LockedError when another backfill runs."""
     with backfill_lock(database) as conn:
-        conn.exec_driver_sql(_CONTENT_TABLE)
-        conn.exec_driver_sql("DELETE FROM content_changed")  # a pooled connection keeps its temp tables
+        reset_content_changed(conn)
         conn.commit()
         if refresh is not None:
             refresh(conn)
@@ -458,11 +291,11 @@ def run_backfill(
             return DryRun(
                 counts, estimate_seconds(database, sum(counts.values())), time.perf_counter() - started, content
             )
-        run_id = open_backfill_run(conn)
+        run_id = ledger.open_run(conn, "backfill")
         resumed = run_id is not None
         if run_id is None:
             run_id = ledger.create_run(conn, "backfill", config_snapshot(settings, taxonomy, options.use_cache))
-        insert_plan(conn, run_id, params, ledger.utcnow())
+        insert_plan(conn, run_id, QUEUE, params, ledger.utcnow())
         ledger.seal_run(conn, run_id)
         conn.commit()
         planning_s = time.perf_counter() - started
@@ -474,6 +307,19 @@ def run_backfill(
     summary = summarize(database, run_id, planning_s, published, resumed)
     summary.enqueue_s = round(time.perf_counter() - started, 3)
     return summary
+
+
+def catalog_refresh(
+    settings: Settings, rows: Iterator[tuple[int, Any]] | None, bad_rows: list[Any]
+) -> CatalogRefresh | None:
+    """Where the items come from: catalog file rows when given (bad rows collected in bad_rows),
+    else SKUTAG_BACKFILL_SOURCE_QUERY when set, else nowhere (plan against the items as they are)."""
+    if rows is not None:
+        return refresh_from_rows(rows, bad_rows)
+    if settings.backfill_source_query:
+        source = make_engine(settings.backfill_source_url or settings.database_url)
+        return refresh_from_query(source, settings.backfill_source_query)
+    return None
 
 
 def refresh_from_rows(rows: Iterator[tuple[int, Any]], bad_rows: list[Any], chunk: int = 20_000) -> CatalogRefresh:

@@ -5,7 +5,7 @@ final: constraint violations and bad data).
 Tables, in the order a job flows through them:
     items            the catalog as skutag knows it (sku -> image uri, title, category hint)
     runs             one per submit, backfill or local run, with a config snapshot
-    jobs             one per sku per run: the ledger (queued -> running -> done/needs_review/failed)
+    jobs             one per sku per run: the ledger (states: schemas.states.JobState)
     results          one per job, full provenance: the log of every input/output pair, and the
                      content-keyed cache (cache_key = image sha256 + model/prompt/taxonomy versions)
     tag_sets         the current result per sku (status, summary, versions)
@@ -36,6 +36,7 @@ from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 
 from pipeline.errors import ConfigError, FinalError, InputError, RetryableError
+from schemas.states import OPEN_JOB_STATES, JobState, RunState, sql_list
 
 metadata = sa.MetaData(
     naming_convention={
@@ -52,9 +53,8 @@ BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 Json = sa.JSON().with_variant(JSONB(), "postgresql")
 Timestamp = sa.DateTime(timezone=True)
 
-JOB_STATES = ("queued", "running", "done", "needs_review", "failed")
-OPEN_JOB_STATES = ("queued", "running")
-RUN_STATES = ("running", "done", "partial", "failed", "cancelled")
+JOB_STATES = tuple(state.value for state in JobState)
+RUN_STATES = tuple(state.value for state in RunState)
 RESULT_STATUSES = ("tagged", "needs_review", "failed")
 
 
@@ -120,8 +120,8 @@ jobs = sa.Table(
         "ix_jobs_open",
         "state",
         "lease_expires_at",
-        postgresql_where=sa.text("state IN ('queued', 'running')"),
-        sqlite_where=sa.text("state IN ('queued', 'running')"),
+        postgresql_where=sa.text(f"state IN {sql_list(OPEN_JOB_STATES)}"),
+        sqlite_where=sa.text(f"state IN {sql_list(OPEN_JOB_STATES)}"),
     ),
 )
 
@@ -306,21 +306,6 @@ listing_mismatches = sa.Table(
     sa.Column("taxonomy_version", sa.Text, nullable=False),
     sa.Column("detected_at", Timestamp, nullable=False),
 )
-
-
-# A run ends when its last open job does: done, partial (some failed) or failed (all failed).
-# {runs} selects the run ids to look at.
-FINISH_RUNS = """
-UPDATE runs SET
-    state = CASE
-        WHEN NOT EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = runs.id AND j.state = 'failed') THEN 'done'
-        WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = runs.id AND j.state <> 'failed') THEN 'partial'
-        ELSE 'failed' END,
-    finished_at = :now
-WHERE runs.state = 'running' AND runs.planned_at IS NOT NULL
-  AND runs.id IN ({runs})
-  AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = runs.id AND j.state IN ('queued', 'running'))
-"""
 
 
 # --- engines ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The error tree: every failure a user or operator can see, and whether trying again can help.
 
-    SkutagError                  one-line message, a stable code, an exit status for the CLI
+    SkutagError                  one-line message, a stable code (the CLI's exit codes: pipeline.commands.exits)
     ├── RetryableError           the same call may succeed later: DB/broker unreachable,
     │                            deadlock, serialization failure, GPU out of memory
     └── FinalError               trying again will fail the same way
@@ -22,7 +22,6 @@ class SkutagError(Exception):
     """Base of every error skutag raises on purpose."""
 
     code = "error"
-    exit_code = 1
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -34,32 +33,26 @@ class SkutagError(Exception):
 
 class RetryableError(SkutagError):
     code = "unavailable"
-    exit_code = 3
 
 
 class FinalError(SkutagError):
     code = "failed"
-    exit_code = 1
 
 
 class ConfigError(FinalError):
     code = "config"
-    exit_code = 2
 
 
 class InputError(FinalError):
     code = "bad_input"
-    exit_code = 2
 
 
 class ModelError(FinalError):
     code = "model"
-    exit_code = 2
 
 
 class LockedError(FinalError):
     code = "locked"
-    exit_code = 6
 
 
 class InferenceError(RetryableError):

@@ -8,21 +8,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from pipeline import ledger
-from pipeline.db import OPEN_JOB_STATES, jobs, runs, translated_errors
-from pipeline.inference import BatchStats
+from pipeline.db import translated_errors
+from pipeline.failures import counts_by_code
+from pipeline.images import ImageIntake
+from pipeline.inference import BatchStats, TaggingEngine, load_model
+from pipeline.listing import ListingChecker
+from pipeline.migrate import open_database
+from pipeline.producer import SubmitReport, submit_catalog
+from pipeline.routing import Thresholds
+from pipeline.runner import tag_batch
 from pipeline.secrets import SecretMaskingFilter
+from pipeline.settings import Settings
+from pipeline.status import run_status
 from pipeline.worker import HandleReport, JobHandler
-from pipeline.writer import InvalidResultError, ResultWriter, write_with_retry
-from schemas.results import ErrorCode, ItemError, JobSpec, TagResult, failed_result
+from pipeline.writer import ResultWriter, WriterSink
+from schemas.results import JobSpec, TagResult
+from schemas.taxonomy import load_taxonomy
 
 
 @contextlib.contextmanager
@@ -47,36 +57,6 @@ def log_to_file(path: Path) -> Iterator[None]:
         handler.close()
 
 
-class WriterSink:
-    """Hands results straight to the writer (local mode, benchmarks): no queue in between."""
-
-    def __init__(self, writer: ResultWriter) -> None:
-        self.writer = writer
-
-    def send_results(self, results: Sequence[TagResult]) -> None:
-        write_valid(self.writer, results)
-
-
-def write_valid(writer: ResultWriter, results: Sequence[TagResult]) -> None:
-    """Write a batch; results the writer rejects are written as failed (invalid_result) instead,
-    so one malformed result never holds back the others."""
-    try:
-        write_with_retry(writer, results)
-    except InvalidResultError as exc:
-        repaired = [
-            failed_result(
-                JobSpec(job_id=r.job_id or 0, run_id=r.provenance.run_id or 0, sku=r.sku, image_uri=r.image_uri or ""),
-                ItemError(code=ErrorCode.INVALID_RESULT, message=exc.problems[index]),
-                r.provenance,
-                r.image_sha256,
-            )
-            if index in exc.problems
-            else r
-            for index, r in enumerate(results)
-        ]
-        write_with_retry(writer, repaired)
-
-
 @dataclass
 class LocalReport:
     run_id: int
@@ -88,9 +68,7 @@ class LocalReport:
 
 def open_jobs(database: Engine, run_id: int, after_id: int, limit: int) -> list[JobSpec]:
     with translated_errors("reading jobs"), database.connect() as conn:
-        return ledger.select_jobs(
-            conn, jobs.c.run_id == run_id, jobs.c.state.in_(OPEN_JOB_STATES), jobs.c.id > after_id, limit=limit
-        )
+        return ledger.open_jobs(conn, run_id, after_id, limit)
 
 
 def run_jobs(
@@ -133,12 +111,104 @@ def _collect(
 
 
 def _has_open_jobs(database: Engine, run_id: int) -> bool:
-    statement = sa.select(sa.func.count()).where(jobs.c.run_id == run_id, jobs.c.state.in_(OPEN_JOB_STATES))
-    with database.connect() as conn:
-        return bool(conn.execute(statement).scalar_one())
+    with translated_errors("reading jobs"), database.connect() as conn:
+        return ledger.has_open_jobs(conn, run_id)
 
 
-def run_state(database: Engine, run_id: int) -> tuple[str, dict[str, int]]:
-    with translated_errors("reading the run"), database.connect() as conn:
-        state = conn.execute(sa.select(runs.c.state).where(runs.c.id == run_id)).scalar_one_or_none()
-        return state or "missing", ledger.run_counts(conn, run_id)
+# --- a whole local run -----------------------------------------------------------------------
+class LocalObserver(Protocol):
+    """What a local run tells its caller (the CLI renders it), in this order."""
+
+    def submitted(self, report: SubmitReport) -> None: ...  # a new run's jobs are in the ledger
+
+    def loading_model(self) -> None: ...
+
+    def started(self, run_id: int, total: int, finished: int) -> None: ...  # jobs in the run, already finished
+
+    def advanced(self, handled: HandleReport) -> None: ...
+
+    def stopped(self) -> None: ...  # also after an error
+
+
+@dataclass
+class LocalRun:
+    run_id: int
+    state: str
+    counts: dict[str, int]
+    report: LocalReport
+    failures: dict[str, int] = field(default_factory=dict)  # failed jobs by error code
+
+
+def run_catalog(
+    settings: Settings,
+    rows: Iterator[tuple[int, Any]] | None,
+    resume_run: int | None,
+    observer: LocalObserver,
+    use_cache: bool = True,
+) -> LocalRun:
+    """Tag a catalog in this process: submit its rows as a new run (or resume run resume_run), load
+    the model, work through every open job, and return how the run ended. use_cache False
+    (`--no-cache`) makes a new run infer every image instead of reusing stored model outputs."""
+    database = open_database(settings.database_url, create_if_embedded=True)
+    taxonomy = load_taxonomy(settings.taxonomy_path)
+    if resume_run is None:
+        assert rows is not None, "a new local run needs catalog rows"
+        submitted = submit_catalog(rows, database, settings, taxonomy, None, kind="local", use_cache=use_cache)
+        observer.submitted(submitted)
+        run_id = submitted.run_id
+    else:
+        run_id = resume_run
+        with translated_errors("reopening the run"), database.begin() as conn:
+            ledger.reopen_running(conn, run_id)  # a local run has no other worker: its leases are stale
+    observer.loading_model()
+    handler = JobHandler(settings, TaggingEngine(load_model(settings), taxonomy, settings), database)
+    writer = ResultWriter(
+        database,
+        taxonomy,
+        settings.notify_channel,
+        ListingChecker.from_settings(settings, taxonomy),
+        thresholds=Thresholds.from_settings(settings),
+    )
+    _, counts = run_status(database, run_id)
+    total = sum(counts.values())
+    try:
+        with log_to_file(settings.work_dir / "skutag.log"):
+            observer.started(run_id, total, total - ledger.open_count(counts))
+            try:
+                report = run_jobs(handler, writer, run_id, on_progress=observer.advanced)
+            finally:
+                observer.stopped()
+    finally:
+        handler.close()
+    state, counts = run_status(database, run_id)
+    return LocalRun(run_id, state, counts, report, counts_by_code(database, run_id))
+
+
+def settings_for_resume(settings: Settings, run_id: int) -> Settings | None:
+    """Settings with the image roots the run started with, so relative paths resolve the same;
+    None when there is no such run."""
+    database = open_database(settings.database_url, create_if_embedded=True)
+    try:
+        with translated_errors("reading the run"), database.connect() as conn:
+            config = ledger.run_config(conn, run_id)
+    finally:
+        database.dispose()
+    if config is None:
+        return None
+    roots = config.get("image_roots")
+    return settings.model_copy(update={"image_roots": [Path(root) for root in roots]}) if roots else settings
+
+
+def tag_image(settings: Settings, image_uri: str) -> tuple[TagResult, BatchStats | None]:
+    """One image through the workers' intake and engine, outside any run (`skutag tag-image`)."""
+    taxonomy = load_taxonomy(settings.taxonomy_path)
+    intake = ImageIntake(settings)
+    try:
+        outcome = intake.prepare(image_uri)
+    finally:
+        intake.close()
+    engine = TaggingEngine(load_model(settings), taxonomy, settings)
+    job = JobSpec(job_id=0, run_id=0, sku="-", image_uri=image_uri)
+    batch = tag_batch(engine, [job], [outcome], thresholds=Thresholds.from_settings(settings))
+    (result,) = batch.results
+    return result, batch.stats[0] if batch.stats else None

@@ -8,6 +8,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Engine
 
 from pipeline.db import make_engine, translated_errors
 
@@ -55,3 +56,9 @@ def ensure_schema(database_url: str, create_if_embedded: bool = False) -> None:
     if current != head:
         found = f"schema {current}" if current else "no skutag tables"
         raise ConfigError(f"{redacted(database_url)} has {found}, this skutag needs {head}: run `skutag db upgrade`")
+
+
+def open_database(database_url: str, create_if_embedded: bool = False) -> Engine:
+    """An engine on a database whose schema is current (ensure_schema), built where it is used."""
+    ensure_schema(database_url, create_if_embedded=create_if_embedded)
+    return make_engine(database_url)

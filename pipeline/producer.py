@@ -109,3 +109,11 @@ def _publish(database: Engine, publisher: JobPublisher, specs: list[JobSpec], qu
     with translated_errors("marking jobs published"), database.begin() as conn:
         ledger.mark_published(conn, [spec.job_id for spec in specs], publisher.epoch())
     report.published += len(specs)
+
+
+def publish_jobs(database: Engine, publisher: JobPublisher, specs: Sequence[JobSpec], queue: str = "new") -> None:
+    """Put jobs already in the ledger on the broker and mark them published. Raises RetryableError
+    when the broker is down: the jobs stay queued, and the reconciler publishes them later."""
+    publisher.publish(specs, queue)
+    with translated_errors("marking jobs published"), database.begin() as conn:
+        ledger.mark_published(conn, [spec.job_id for spec in specs], publisher.epoch())

@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from pipeline import ledger
 from pipeline.db import translated_errors
@@ -22,7 +21,6 @@ from pipeline.settings import Settings
 from pipeline.worker import JobPublisher
 
 PAGE = 5000
-RECONCILE_LOCK = 0x5C07A6  # pg_advisory lock key: one reconciler at a time
 
 
 @dataclass
@@ -40,7 +38,7 @@ def reconcile(
     report = ReconcileReport()
     epoch = publisher.epoch()
     with translated_errors("reconciling"), database.begin() as conn:
-        if not _try_lock(conn):
+        if not ledger.try_reconcile_lock(conn):
             report.skipped = True
             return report
         report.expired_leases = ledger.expire_leases(conn, now)
@@ -50,13 +48,7 @@ def reconcile(
     return report
 
 
-def _try_lock(conn: sa.Connection) -> bool:
-    if conn.dialect.name != "postgresql":
-        return True
-    return bool(conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": RECONCILE_LOCK}).scalar_one())
-
-
-def _publish_unpublished(conn: sa.Connection, publisher: JobPublisher, epoch: str | None) -> int:
+def _publish_unpublished(conn: Connection, publisher: JobPublisher, epoch: str | None) -> int:
     published, after = 0, 0
     while page := ledger.unpublished_jobs(conn, PAGE, after):
         publisher.publish(page, "new")

@@ -10,14 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from pipeline import ledger
-from pipeline.db import runs, translated_errors
-from pipeline.failures import failure_counts, format_counts
-
-OPEN_STATES = frozenset({"queued", "running"})
+from pipeline.db import translated_errors
+from pipeline.ledger.failures import failure_counts, format_counts
+from schemas.states import JobState, RunState
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,7 @@ class RunSnapshot:
 
     @property
     def finished(self) -> int:
-        return sum(count for state, count in self.counts.items() if state not in OPEN_STATES)
+        return ledger.finished_count(self.counts)
 
     def mean_rate(self) -> float | None:
         """Jobs finished per second over the run's life so far."""
@@ -48,11 +46,9 @@ class RunSnapshot:
 
 def snapshot(database: Engine, run_id: int) -> RunSnapshot:
     with translated_errors("reading the run"), database.connect() as conn:
-        row = conn.execute(
-            sa.select(runs.c.state, runs.c.created_at, runs.c.finished_at).where(runs.c.id == run_id)
-        ).one_or_none()
+        row = ledger.run_times(conn, run_id)
         counts = ledger.run_counts(conn, run_id) if row else {}
-        failures = failure_counts(conn, [run_id]).get(run_id, {}) if counts.get("failed") else {}
+        failures = failure_counts(conn, [run_id]).get(run_id, {}) if counts.get(JobState.FAILED) else {}
     taken_at = datetime.now(UTC)
     if row is None:
         return RunSnapshot(run_id, "missing", {}, None, None, taken_at)
@@ -68,13 +64,13 @@ def current_rate(first: RunSnapshot, now: RunSnapshot) -> float | None:
     """The rate over the time followed, or the run's mean when nothing moved yet or it ended."""
     seconds = (now.taken_at - first.taken_at).total_seconds()
     moved = now.finished - first.finished
-    if now.state == "running" and moved > 0 and seconds > 0:
+    if now.state == RunState.RUNNING and moved > 0 and seconds > 0:
         return moved / seconds
     return now.mean_rate()
 
 
 def eta_seconds(now: RunSnapshot, rate: float | None) -> float | None:
-    if now.state != "running" or not rate:
+    if now.state != RunState.RUNNING or not rate:
         return None
     return (now.total - now.finished) / rate
 
@@ -85,7 +81,7 @@ def describe(now: RunSnapshot, rate: float | None) -> str:
     counts = ", ".join(f"{name} {count}" for name, count in sorted(now.counts.items()))
     line = f"run {now.run_id} {now.state}: {now.finished}/{now.total} finished ({counts or 'no jobs'})"
     if rate is not None:
-        line += f", {rate:.1f} jobs/s" + (" mean" if now.state != "running" else "")
+        line += f", {rate:.1f} jobs/s" + (" mean" if now.state != RunState.RUNNING else "")
     eta = eta_seconds(now, rate)
     if eta is not None:
         line += f", ETA {format_duration(eta)}"

@@ -23,13 +23,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from pipeline.db import COPY_NULL, FINISH_RUNS, copy_field, copy_rows, insert_for, taxonomy_values, translated_errors
+from pipeline import ledger
+from pipeline.db import COPY_NULL, copy_field, copy_rows, insert_for, taxonomy_values, translated_errors
 from pipeline.errors import InputError, RetryableError
 from pipeline.listing import ListingChecker
 from pipeline.listing_store import open_listing_tasks, record_listing_issues
 from pipeline.review.tasks import open_review_tasks
 from pipeline.routing import Thresholds, routed
-from schemas.results import TagResult
+from schemas.results import ErrorCode, ItemError, JobSpec, TagResult, failed_result
 from schemas.taxonomy import CATEGORY, Taxonomy
 
 NOTIFY_PAYLOAD_LIMIT = 7900  # Postgres caps a NOTIFY payload at 8000 bytes
@@ -178,22 +179,11 @@ JOIN stage_results s ON s.job_id = t.job_id
 ORDER BY t.sku, t.attribute
 """).bindparams(_NOW)
 
-_FINISH_JOBS = sa.text("""
-UPDATE jobs SET
-    state = CASE s.status WHEN 'tagged' THEN 'done' ELSE s.status END,
-    last_error_code = s.error_code,
-    last_error = s.error_message,
-    cache_hit = s.cache_hit,
-    lease_expires_at = NULL,
-    finished_at = :now,
-    updated_at = :now
-FROM stage_results s
-WHERE jobs.id = s.job_id AND s.job_id IN (SELECT job_id FROM stage_new)
-""").bindparams(_NOW)
-
-_FINISH_RUNS = sa.text(
-    FINISH_RUNS.format(runs="SELECT DISTINCT s.run_id FROM stage_results s JOIN stage_new n ON n.job_id = s.job_id")
-).bindparams(_NOW)
+# The jobs and runs of the newly written results end in the same transaction (the ledger's SQL).
+_FINISH_JOBS = ledger.finish_jobs_statement("stage_results", "s.job_id IN (SELECT job_id FROM stage_new)")
+_FINISH_RUNS = ledger.finish_runs_statement(
+    "SELECT DISTINCT s.run_id FROM stage_results s JOIN stage_new n ON n.job_id = s.job_id"
+)
 
 
 def _mark_sku_winners(results: Sequence[TagResult]) -> list[bool]:
@@ -423,6 +413,36 @@ def write_with_retry(
             sleep(delay)
             delay = min(delay * 2, 10.0)
     raise AssertionError("unreachable")
+
+
+def write_valid(writer: ResultWriter, results: Sequence[TagResult]) -> None:
+    """Write a batch; results the writer rejects are written as failed (invalid_result) instead,
+    so one malformed result never holds back the others."""
+    try:
+        write_with_retry(writer, results)
+    except InvalidResultError as exc:
+        repaired = [
+            failed_result(
+                JobSpec(job_id=r.job_id or 0, run_id=r.provenance.run_id or 0, sku=r.sku, image_uri=r.image_uri or ""),
+                ItemError(code=ErrorCode.INVALID_RESULT, message=exc.problems[index]),
+                r.provenance,
+                r.image_sha256,
+            )
+            if index in exc.problems
+            else r
+            for index, r in enumerate(results)
+        ]
+        write_with_retry(writer, repaired)
+
+
+class WriterSink:
+    """Hands results straight to the writer (local mode, benchmarks): no queue in between."""
+
+    def __init__(self, writer: ResultWriter) -> None:
+        self.writer = writer
+
+    def send_results(self, results: Sequence[TagResult]) -> None:
+        write_valid(self.writer, results)
 
 
 def _utcnow() -> datetime:

@@ -17,9 +17,8 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.db import make_engine
 from pipeline.inference import TaggingEngine
-from pipeline.local import WriterSink
 from pipeline.worker import JobHandler
-from pipeline.writer import ResultWriter
+from pipeline.writer import ResultWriter, WriterSink
 from schemas.taxonomy import Taxonomy
 from tests.conftest import engine_settings, make_jobs
 

@@ -28,14 +28,13 @@ from pipeline.db import make_engine, redacted
 from pipeline.errors import RetryableError, SkutagError
 from pipeline.inference import TaggingEngine, load_model
 from pipeline.listing import ListingChecker
-from pipeline.local import write_valid
 from pipeline.logs import log_context
 from pipeline.metrics import WorkerMetrics, WriterMetrics, serve
 from pipeline.reconcile import reconcile
 from pipeline.routing import Thresholds
 from pipeline.settings import Settings
 from pipeline.worker import JobHandler
-from pipeline.writer import ResultWriter
+from pipeline.writer import ResultWriter, write_valid
 from schemas.results import JobSpec, TagResult
 from schemas.taxonomy import load_taxonomy
 from workers.app import QUEUE_WRITE, TAG_TASK, WRITE_TASK, CeleryPublisher, CelerySink, create_app, queue_depths

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from PIL import Image, ImageDraw
 from rich.console import Console
 
+from pipeline import ledger
 from pipeline.bench.common import scratch_postgres
 from pipeline.catalog import read_catalog
 from pipeline.db import make_engine
@@ -30,6 +31,7 @@ from pipeline.images import ImageIntake
 from pipeline.inference import TaggingEngine, load_model
 from pipeline.producer import submit_catalog
 from pipeline.settings import Settings, load_settings
+from schemas.states import RunState
 from schemas.taxonomy import default_taxonomy
 
 
@@ -149,8 +151,8 @@ def _submit_and_wait(settings: Settings, database: sa.Engine, catalog: Path) -> 
         report = submit_catalog(read_catalog(handle, catalog.name), database, settings, default_taxonomy(), publisher)
     while True:
         with database.connect() as conn:
-            state = conn.execute(sa.text("SELECT state FROM runs WHERE id = :r"), {"r": report.run_id}).scalar_one()
-        if state != "running":
+            state = ledger.state_of_run(conn, report.run_id)
+        if state != RunState.RUNNING:
             return time.perf_counter() - started
         time.sleep(0.02)
 

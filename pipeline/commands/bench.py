@@ -1,0 +1,131 @@
+"""`skutag bench`: benchmarks against their baselines, in one run (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def bench_services(command: Any) -> Any:
+    """--database-url (a Postgres server for scratch databases) and --broker-url (flushed)."""
+    broker = click.option(
+        "--broker-url", default="redis://127.0.0.1:6379/13", show_default=True, help="A Redis database it flushes."
+    )
+    server = click.option(
+        "--database-url",
+        "server_url",
+        default="postgresql+psycopg2://postgres@127.0.0.1:5432/test",
+        show_default=True,
+        help="A Postgres server; the benchmark uses scratch databases on it.",
+    )
+    return server(broker(command))
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks against their baselines, in one run (medians and ratios; see docs/benchmarks.md)."""
+
+
+@bench.command("intake")
+@click.option("--repeats", default=5, show_default=True)
+@click.option("--threads", default=2, show_default=True, help="For the all-cores line.")
+def bench_intake(repeats: int, threads: int) -> None:
+    """Images/s per core: skutag's intake vs the article's snippet, on generated realistic JPEGs."""
+    from pipeline.bench import intake
+
+    click.echo(json.dumps(intake.run(repeats=repeats, threads=threads)))
+
+
+@bench.command("gpu")
+@click.option("--tiny", is_flag=True, help="The tiny model on the CPU: checks the script in seconds.")
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".skutag/bench-gpu"),
+    show_default=True,
+    help="Where the random checkpoint is written (about 17 GB for the 8B).",
+)
+@click.option("--quantizations", default="int8,nf4,bf16", show_default=True)
+@click.option("--batch-sizes", default="1,8,32,64", show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures as JSON.")
+def bench_gpu(tiny: bool, work_dir: Path, quantizations: str, batch_sizes: str, output: Path | None) -> None:
+    """Qwen3-VL-8B architecture, random weights: images/s and peak GPU memory for int8 / nf4 / bf16 at
+    several batch sizes vs the article's way (one image at a time, free-form generate, fp16)."""
+    from pipeline.bench import gpu
+
+    summary = gpu.run(
+        work_dir,
+        tiny=tiny,
+        quantizations=tuple(q.strip() for q in quantizations.split(",") if q.strip()),
+        batch_sizes=tuple(int(b) for b in batch_sizes.split(",")),
+    )
+    if output:
+        output.write_text(json.dumps(summary, indent=2))
+    click.echo(json.dumps(summary))
+
+
+@bench.command("pipeline")
+@bench_services
+@click.option("--images", default=512, show_default=True)
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+def bench_pipeline(server_url: str, broker_url: str, images: int, repeats: int, batch_size: int) -> None:
+    """End-to-end images/s (Redis + Celery + Postgres) vs the same engine in a plain loop, tiny model."""
+    from pipeline.bench import pipeline as pipeline_bench
+
+    summary = pipeline_bench.run(server_url, broker_url, images=images, repeats=repeats, batch_size=batch_size)
+    click.echo(json.dumps(summary))
+
+
+@bench.command("submit")
+@bench_services
+@click.option("--rows", default=100_000, show_default=True)
+@click.option("--repeats", default=3, show_default=True)
+def bench_submit(server_url: str, broker_url: str, rows: int, repeats: int) -> None:
+    """Jobs/s from a catalog file into Redis: skutag submit vs one .delay() per job."""
+    from pipeline.bench import submit as submit_bench
+
+    click.echo(json.dumps(submit_bench.run(server_url, broker_url, rows=rows, repeats=repeats)))
+
+
+@bench.command("backfill")
+@bench_services
+@click.option("--sizes", default="100000,300000,1000000", show_default=True)
+def bench_backfill(server_url: str, broker_url: str, sizes: str) -> None:
+    """Backfill planning time, enqueue rate and peak RSS on synthetic catalogs up to 1M items."""
+    from pipeline.bench import backfill as backfill_bench
+
+    summary = backfill_bench.run(server_url, broker_url, tuple(int(s) for s in sizes.split(",")))
+    click.echo(json.dumps(summary))
+
+
+@bench.command("listing")
+@click.option("--cases", default=2000, show_default=True, help="Generated titles, half English, half Chinese.")
+@click.option("--seed", default=0, show_default=True)
+def bench_listing(cases: int, seed: int) -> None:
+    """Listing checks: precision and recall on titles with planted mismatches, vs a word-split reader."""
+    from pipeline.bench import listing
+
+    click.echo(json.dumps(listing.run(count=cases, seed=seed), ensure_ascii=False, indent=2))
+
+
+@bench.command("writer")
+@click.option(
+    "--database-url",
+    "server_url",
+    default="postgresql+psycopg2://postgres@127.0.0.1:5432/test",
+    show_default=True,
+    help="A Postgres server; the benchmark uses a scratch database on it.",
+)
+@click.option("--results", "results_per_run", default=4096, show_default=True, help="Results per measurement.")
+@click.option("--naive-rows", default=1500, show_default=True, help="Rows for the slow per-row baseline.")
+@click.option("--repeats", default=5, show_default=True)
+def bench_writer(server_url: str, results_per_run: int, naive_rows: int, repeats: int) -> None:
+    """Attribute rows/s: the writer (COPY + set-based upsert) vs per-row ORM insert + commit."""
+    from pipeline.bench import writer
+
+    summary = writer.run(server_url, results_per_run=results_per_run, naive_rows=naive_rows, repeats=repeats)
+    click.echo(json.dumps(summary))
