@@ -56,14 +56,23 @@ class ChoiceTrie:
             if node.first_value is None:
                 node.first_value = value_id
             for token in tokens:
+                if node.value_id is not None:  # an earlier candidate ends inside this one
+                    raise _overlap(attribute, node.value_id, value_id)
                 node = node.children.setdefault(token, TrieNode())
                 if node.first_value is None:
                     node.first_value = value_id
             if node.value_id is not None or node.children:
-                raise ModelError(f"attribute {attribute!r}: labels of {node.value_id or value_id!r} and {value_id!r} "
-                                 "tokenize to overlapping sequences")  # fmt: skip
+                raise _overlap(attribute, node.value_id or node.first_value or value_id, value_id)
             node.value_id = value_id
         return cls(attribute=attribute, root=root, next_attribute=next_attribute)
+
+
+def _overlap(attribute: str, earlier: str, value_id: str) -> ModelError:
+    """Two candidates where one's tokens are a prefix of the other's: the trie could not tell
+    whether the shorter one ended."""
+    return ModelError(
+        f"attribute {attribute!r}: labels of {earlier!r} and {value_id!r} tokenize to overlapping sequences"
+    )
 
 
 def forced_walk(node: TrieNode) -> tuple[list[int], TrieNode]:

@@ -39,6 +39,13 @@ def current_revision(database_url: str) -> str | None:
         engine.dispose()
 
 
+def shown_url(database_url: str) -> str:
+    """The database URL as it may be printed: without its password."""
+    from pipeline.db import redacted
+
+    return redacted(database_url)
+
+
 def head_revision(database_url: str) -> str | None:
     return ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
 

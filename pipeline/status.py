@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from pipeline import ledger
-from pipeline.db import translated_errors
+from pipeline.db import make_engine, translated_errors
 from pipeline.ledger.failures import failure_counts
 from schemas.states import JobState
 
@@ -28,6 +28,11 @@ def recent_runs(database: Engine, limit: int) -> list[ledger.RunOverview]:
     return [replace(run, failures=failures.get(run.id, {})) for run in recent]
 
 
-def latest_run_outcomes(database: Engine) -> list[Any]:
-    with translated_errors("reading the latest run"), database.connect() as conn:
-        return ledger.latest_run_outcomes(conn)
+def latest_run_outcomes(database_url: str) -> list[Any]:
+    """The newest run's jobs with a few of their tags (the demo's table)."""
+    database = make_engine(database_url)
+    try:
+        with translated_errors("reading the latest run"), database.connect() as conn:
+            return ledger.latest_run_outcomes(conn)
+    finally:
+        database.dispose()

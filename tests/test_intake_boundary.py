@@ -22,10 +22,9 @@ from pipeline.cli import main
 from pipeline.db import make_engine
 from pipeline.images import ImageIntake
 from pipeline.inference import TaggingEngine
-from pipeline.local import WriterSink
 from pipeline.settings import load_settings
 from pipeline.worker import JobHandler
-from pipeline.writer import ResultWriter
+from pipeline.writer import ResultWriter, WriterSink
 from schemas.images import IntakeFailure, PreparedImage
 from schemas.results import ErrorCode, JobSpec
 from schemas.taxonomy import Taxonomy

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
 
 from pipeline.cli import main
@@ -57,6 +59,22 @@ def test_migrated_schema_matches_the_table_definitions(empty_postgres_url: str) 
         for table in metadata.tables.values():
             migrated = {column["name"] for column in inspector.get_columns(table.name)}
             assert migrated == set(table.columns.keys()), table.name
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("database", [pytest.param("postgres", marks=pytest.mark.postgres), "sqlite"])
+def test_migrations_and_table_definitions_agree(database: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    # Alembic's autogenerate comparison (tables, columns, types, nullability, server defaults,
+    # indexes, unique constraints and foreign keys) between the migrated database and pipeline/db.py:
+    # a migration that drifts from the models, or a model change without a migration, shows here.
+    url = request.getfixturevalue("empty_postgres_url") if database == "postgres" else f"sqlite:///{tmp_path}/g.db"
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+            assert compare_metadata(context, metadata) == []
     finally:
         engine.dispose()
 

@@ -17,12 +17,11 @@ def db() -> None:
 @click.pass_context
 def db_upgrade(ctx: click.Context, revision: str) -> None:
     """Create the tables and views, or migrate them to REVISION."""
-    from pipeline.db import redacted
-    from pipeline.migrate import current_revision, upgrade
+    from pipeline.migrate import current_revision, shown_url, upgrade
 
     settings = settings_from(ctx)
     upgrade(settings.database_url, revision)
-    click.echo(f"{redacted(settings.database_url)} is at revision {current_revision(settings.database_url)}")
+    click.echo(f"{shown_url(settings.database_url)} is at revision {current_revision(settings.database_url)}")
 
 
 @db.command("downgrade")

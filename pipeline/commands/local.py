@@ -148,19 +148,16 @@ def demo(ctx: click.Context, work_dir: Path) -> None:
 def _show_demo_results(database_url: str) -> None:
     from rich.table import Table
 
-    from pipeline.db import make_engine
     from pipeline.status import latest_run_outcomes
 
     table = Table(title="demo results (the tiny model's tags are random)")
     for column in ("sku", "status", "category", "primary color", "style", "confidence", "error"):
         table.add_column(column)
-    engine = make_engine(database_url)
     console = Console() if sys.stdout.isatty() else Console(width=120)
-    for row in latest_run_outcomes(engine):
+    for row in latest_run_outcomes(database_url):
         confidence = f"{row.confidence:.2f}" if row.confidence is not None else ""
         table.add_row(
             row.sku, row.state, row.category or "", row.color or "", row.style or "", confidence,
             row.last_error_code or "",
         )  # fmt: skip
-    engine.dispose()
     console.print(table)
