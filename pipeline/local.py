@@ -82,8 +82,8 @@ def run_jobs(
     started = time.perf_counter()
     report = LocalReport(run_id=run_id)
     sink = WriterSink(writer)
-    size = handler.settings.batch_size
-    for _sweep in range(handler.settings.max_attempts + 1):
+    size = handler.options.batch_size
+    for _sweep in range(handler.options.max_attempts + 1):
         after, in_flight = 0, []
         with ThreadPoolExecutor(2, thread_name_prefix="skutag-local") as pool:
             while batch := open_jobs(handler.database, run_id, after, size):
@@ -161,7 +161,7 @@ def run_catalog(
         with translated_errors("reopening the run"), database.begin() as conn:
             ledger.reopen_running(conn, run_id)  # a local run has no other worker: its leases are stale
     observer.loading_model()
-    handler = JobHandler(settings, TaggingEngine(load_model(settings), taxonomy, settings), database)
+    handler = JobHandler.from_settings(settings, TaggingEngine(load_model(settings), taxonomy, settings), database)
     writer = ResultWriter(
         database,
         taxonomy,

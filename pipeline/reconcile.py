@@ -17,7 +17,6 @@ from sqlalchemy.engine import Connection, Engine
 
 from pipeline import ledger
 from pipeline.db import translated_errors
-from pipeline.settings import Settings
 from pipeline.worker import JobPublisher
 
 PAGE = 5000
@@ -32,8 +31,9 @@ class ReconcileReport:
 
 
 def reconcile(
-    database: Engine, publisher: JobPublisher, settings: Settings, now: datetime | None = None
+    database: Engine, publisher: JobPublisher, *, republish_after_s: float, now: datetime | None = None
 ) -> ReconcileReport:
+    """One pass (SKUTAG_REPUBLISH_AFTER_S is republish_after_s); skipped while another reconciler runs."""
     now = now or ledger.utcnow()
     report = ReconcileReport()
     epoch = publisher.epoch()
@@ -42,7 +42,7 @@ def reconcile(
             report.skipped = True
             return report
         report.expired_leases = ledger.expire_leases(conn, now)
-        stale_before = now - timedelta(seconds=settings.republish_after_s)
+        stale_before = now - timedelta(seconds=republish_after_s)
         report.lost_messages = ledger.forget_lost_publications(conn, epoch, stale_before)
         report.published = _publish_unpublished(conn, publisher, epoch)
     return report

@@ -185,10 +185,6 @@ class Settings(BaseSettings):
     def threshold_for(self, attribute: str) -> float:
         return self.attribute_thresholds.get(attribute, self.confidence_threshold)
 
-    @property
-    def is_postgres(self) -> bool:
-        return self.database_url.startswith("postgresql")
-
 
 def load_settings(**overrides: Any) -> Settings:
     """Build Settings; CLI flags come in as overrides (None means 'not given')."""

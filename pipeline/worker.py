@@ -161,21 +161,58 @@ class HandleReport:
     retry_codes: dict[str, int] = field(default_factory=dict)  # retryable failures by error code
 
 
+@dataclass(frozen=True, kw_only=True)
+class HandlerOptions:
+    """What JobHandler reads from the settings: batching, time limits, leases and attempts."""
+
+    batch_size: int
+    batch_wait_s: float
+    batch_time_limit_s: float
+    intake_threads: int
+    lease_s: int
+    max_attempts: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HandlerOptions:
+        return cls(
+            batch_size=settings.batch_size,
+            batch_wait_s=settings.batch_wait_ms / 1000,
+            batch_time_limit_s=settings.batch_time_limit_s,
+            intake_threads=settings.intake_threads,
+            lease_s=settings.lease_s,
+            max_attempts=settings.max_attempts,
+        )
+
+
 class JobHandler:
     """Everything a worker process holds: engine + batcher, intake pool, database engine."""
 
     def __init__(
-        self, settings: Settings, engine: TaggingEngine, database: Engine, intake: ImageIntake | None = None
+        self,
+        *,
+        options: HandlerOptions,
+        engine: TaggingEngine,
+        database: Engine,
+        intake: ImageIntake,
+        thresholds: Thresholds,
     ) -> None:
-        self.settings = settings
+        self.options = options
         self.engine = engine
         self.database = database
-        self.intake = intake or ImageIntake(settings)
-        self.pool = ThreadPoolExecutor(settings.intake_threads, thread_name_prefix="skutag-intake")
-        self.batcher = DynamicBatcher(engine, settings.batch_size, settings.batch_wait_ms / 1000)
-        self.tagger = _TimedTagger(self.batcher, settings.batch_time_limit_s)
-        self.thresholds = Thresholds.from_settings(settings)
+        self.intake = intake
+        self.pool = ThreadPoolExecutor(options.intake_threads, thread_name_prefix="skutag-intake")
+        self.batcher = DynamicBatcher(engine, options.batch_size, options.batch_wait_s)
+        self.tagger = _TimedTagger(self.batcher, options.batch_time_limit_s)
+        self.thresholds = thresholds
         self._run_uses_cache: dict[int, bool] = {}  # a run's config never changes: ask once per run
+
+    @classmethod
+    def from_settings(cls, settings: Settings, engine: TaggingEngine, database: Engine) -> JobHandler:
+        """The handler a worker or local run builds: options, thresholds and intake from the one Settings."""
+        return cls(
+            options=HandlerOptions.from_settings(settings), engine=engine, database=database,
+            intake=ImageIntake(settings), thresholds=Thresholds.from_settings(settings),
+        )  # fmt: skip
 
     def close(self) -> None:
         self.batcher.close()
@@ -186,7 +223,7 @@ class JobHandler:
         """Process one delivery of jobs. Idempotent: a redelivered job that is done is skipped."""
         report = HandleReport(received=len(specs))
         with translated_errors("claiming jobs"), self.database.begin() as conn:
-            claim = ledger.claim_jobs(conn, specs, self.settings.lease_s, self.settings.max_attempts)
+            claim = ledger.claim_jobs(conn, specs, self.options.lease_s, self.options.max_attempts)
         report.skipped = len(claim.skipped)
         exhausted = [failed_result(job, error, self.engine.provenance(job.run_id)) for job, error in claim.exhausted]
         if not claim.claimed:
@@ -195,7 +232,7 @@ class JobHandler:
         try:
             outcomes = self.intake.prepare_jobs(claim.claimed, self.pool)
             cache = self._cache_for(claim.claimed, outcomes)
-            batch = tag_batch(self.tagger, claim.claimed, outcomes, cache, self.settings.max_attempts, self.thresholds)
+            batch = tag_batch(self.tagger, claim.claimed, outcomes, cache, self.options.max_attempts, self.thresholds)
             report.cache_hits, report.stats = batch.cache_hits, batch.stats
             self._finish(exhausted + batch.results, batch.retries, sink, report)
         except SkutagError:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -156,6 +156,25 @@ def engine(request: pytest.FixtureRequest) -> Engine:
 @pytest.fixture(scope="session")
 def taxonomy() -> Taxonomy:
     return default_taxonomy()
+
+
+# --- shared fakes ----------------------------------------------------------------------------
+class RecordingPublisher:
+    """The broker side of the reconciler under test: records what it was asked to publish."""
+
+    def __init__(self, epoch: str = "redis-life-1") -> None:
+        self.current_epoch = epoch
+        self.published: list[tuple[str, list[int]]] = []
+
+    def publish(self, jobs: Sequence[JobSpec], queue: str) -> None:
+        self.published.append((queue, [job.job_id for job in jobs]))
+
+    def epoch(self) -> str | None:
+        return self.current_epoch
+
+    @property
+    def job_ids(self) -> list[int]:
+        return sorted(job_id for _, ids in self.published for job_id in ids)
 
 
 # --- factories -------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pipeline.errors import LockedError, RetryableError
 from pipeline.producer import config_snapshot
 from pipeline.settings import Settings, load_settings
 from schemas.taxonomy import Taxonomy
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, RecordingPublisher
 
 
 def tag_set(conn: sa.Connection, sku: str, uri: str, versions: dict[str, Any], **changes: Any) -> None:
@@ -307,22 +307,13 @@ def test_cli_summary_and_exit_codes(
 def test_enqueue_without_wait_publishes_only_what_fits(pg_engine: Engine, taxonomy: Taxonomy) -> None:
     seed_items(pg_engine, 30)
 
-    class Recorder:
-        published: list[int] = []  # noqa: RUF012
-
-        def publish(self, jobs: Any, queue: str) -> None:
-            self.published += [job.job_id for job in jobs]
-
-        def epoch(self) -> str:
-            return "e"
-
     summary = run_backfill(
-        load_settings(), taxonomy, pg_engine, Recorder(), BackfillOptions(max_outstanding=12, wait=False)
+        load_settings(), taxonomy, pg_engine, RecordingPublisher(), BackfillOptions(max_outstanding=12, wait=False)
     )
     assert not isinstance(summary, DryRun)
     assert summary.published == 12 and summary.state == "running"
-    again = enqueue(pg_engine, Recorder(), summary.run_id, max_outstanding=12, wait=False)
+    again = enqueue(pg_engine, RecordingPublisher(), summary.run_id, max_outstanding=12, wait=False)
     assert again.published == 0  # nothing finished in between: no room
     with pg_engine.begin() as conn:
         conn.execute(sa.text("UPDATE jobs SET state = 'done' WHERE published_at IS NOT NULL"))
-    assert enqueue(pg_engine, Recorder(), summary.run_id, max_outstanding=12, wait=False).published == 12
+    assert enqueue(pg_engine, RecordingPublisher(), summary.run_id, max_outstanding=12, wait=False).published == 12

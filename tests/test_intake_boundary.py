@@ -231,7 +231,7 @@ def test_one_message_of_poisoned_items_fails_only_them(
         batch_size=64,
         max_attempts=1,
     )
-    handler = JobHandler(settings, tiny_engine, sqlite_engine)
+    handler = JobHandler.from_settings(settings, tiny_engine, sqlite_engine)
     try:
         report = handler.handle(jobs, WriterSink(ResultWriter(sqlite_engine, taxonomy)))
     finally:
@@ -287,7 +287,7 @@ def test_a_bug_outside_any_item_releases_only_the_claimed_jobs(
     jobs = make_jobs(sqlite_engine, 3)
     other = make_jobs(sqlite_engine, 2, prefix="OTHER")
     settings = load_settings(image_roots=["/nonexistent"])
-    handler = JobHandler(settings, tiny_engine, sqlite_engine)
+    handler = JobHandler.from_settings(settings, tiny_engine, sqlite_engine)
 
     def broken_cache(*args: Any) -> Any:
         raise ZeroDivisionError("a bug between stages")

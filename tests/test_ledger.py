@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -20,9 +19,9 @@ from pipeline.errors import InputError
 from pipeline.producer import submit_catalog
 from pipeline.reconcile import reconcile
 from pipeline.settings import load_settings
-from schemas.results import ErrorCode, ItemError, JobSpec
+from schemas.results import ErrorCode, ItemError
 from schemas.taxonomy import Taxonomy
-from tests.conftest import make_jobs
+from tests.conftest import RecordingPublisher, make_jobs
 
 
 # --- catalog files ---------------------------------------------------------------------------
@@ -96,43 +95,31 @@ def test_attempts_run_out_into_a_dead_letter(engine: Engine) -> None:
 
 
 # --- the reconciler --------------------------------------------------------------------------
-class RecordingPublisher:
-    """The broker side of the reconciler under test: records what it was asked to publish."""
-
-    def __init__(self, epoch: str = "redis-life-1") -> None:
-        self.current_epoch = epoch
-        self.published: list[tuple[str, list[int]]] = []
-
-    def publish(self, jobs: Sequence[JobSpec], queue: str) -> None:
-        self.published.append((queue, [job.job_id for job in jobs]))
-
-    def epoch(self) -> str | None:
-        return self.current_epoch
-
-    @property
-    def job_ids(self) -> list[int]:
-        return sorted(job_id for _, ids in self.published for job_id in ids)
-
-
 def test_reconcile_publishes_what_no_message_carries(engine: Engine) -> None:
     jobs = make_jobs(engine, 4)
     publisher = RecordingPublisher()
     settings = load_settings()
-    report = reconcile(engine, publisher, settings)
+    report = reconcile(engine, publisher, republish_after_s=settings.republish_after_s)
     assert report.published == 4 and publisher.job_ids == [j.job_id for j in jobs]
-    assert reconcile(engine, publisher, settings).published == 0  # all marked published now
+    assert (
+        reconcile(engine, publisher, republish_after_s=settings.republish_after_s).published == 0
+    )  # all marked published now
 
 
 def test_reconcile_requeues_expired_leases(engine: Engine) -> None:
     jobs = make_jobs(engine, 2)
     publisher = RecordingPublisher()
     settings = load_settings()
-    reconcile(engine, publisher, settings)
+    reconcile(engine, publisher, republish_after_s=settings.republish_after_s)
     with engine.begin() as conn:
         ledger.claim_jobs(conn, jobs, lease_s=10, max_attempts=3)
     publisher.published.clear()
-    assert reconcile(engine, publisher, settings).published == 0  # leases still alive
-    report = reconcile(engine, publisher, settings, now=ledger.utcnow() + timedelta(seconds=11))
+    assert (
+        reconcile(engine, publisher, republish_after_s=settings.republish_after_s).published == 0
+    )  # leases still alive
+    report = reconcile(
+        engine, publisher, republish_after_s=settings.republish_after_s, now=ledger.utcnow() + timedelta(seconds=11)
+    )
     assert report.expired_leases == 2 and publisher.job_ids == [j.job_id for j in jobs]
 
 
@@ -140,11 +127,11 @@ def test_reconcile_republishes_after_the_broker_lost_its_queue(engine: Engine) -
     jobs = make_jobs(engine, 3)
     publisher = RecordingPublisher("before-restart")
     settings = load_settings()
-    reconcile(engine, publisher, settings)
+    reconcile(engine, publisher, republish_after_s=settings.republish_after_s)
     publisher.published.clear()
-    assert reconcile(engine, publisher, settings).published == 0
+    assert reconcile(engine, publisher, republish_after_s=settings.republish_after_s).published == 0
     publisher.current_epoch = "after-restart"  # Redis restarted without persistence
-    report = reconcile(engine, publisher, settings)
+    report = reconcile(engine, publisher, republish_after_s=settings.republish_after_s)
     assert report.lost_messages == 3 and publisher.job_ids == [j.job_id for j in jobs]
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT broker_epoch FROM runs")).scalar_one() == "after-restart"

@@ -166,7 +166,7 @@ def test_worker_memory_stays_flat_over_a_long_run(
     for index in range(32):
         Image.new("RGB", (640, 480), (index * 7 % 256, 40, 90)).save(images / f"{index}.jpg", "JPEG")
     settings = engine_settings(tiny_model_dir, image_roots=[images], batch_size=32)
-    handler = JobHandler(settings, tiny_engine, sqlite_engine)
+    handler = JobHandler.from_settings(settings, tiny_engine, sqlite_engine)
     sink = WriterSink(ResultWriter(sqlite_engine, taxonomy))
     try:
         samples = []

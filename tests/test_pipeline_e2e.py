@@ -304,7 +304,8 @@ def test_a_broker_restart_loses_nothing(pipeline: Pipeline, taxonomy: Taxonomy) 
     pipeline.wait_for_results(20)
     pipeline.broker.restart()
     settings = pipeline.settings
-    reconciled = reconcile(pipeline.engine, CeleryPublisher(create_app(settings), settings), settings)
+    publisher = CeleryPublisher(create_app(settings), settings)
+    reconciled = reconcile(pipeline.engine, publisher, republish_after_s=settings.republish_after_s)
     if pipeline.broker.name == "redis":  # queued and unacknowledged messages are gone
         assert reconciled.lost_messages + reconciled.published > 0
     pipeline.wait_for_run(report.run_id)

@@ -98,7 +98,7 @@ def run_gpu_worker(
     app = create_app(settings)
     taxonomy = load_taxonomy(settings.taxonomy_path)
     engine = TaggingEngine(load_model(settings), taxonomy, settings)
-    handler = JobHandler(settings, engine, make_engine(settings.database_url, pool_size=concurrency + 2))
+    handler = JobHandler.from_settings(settings, engine, make_engine(settings.database_url, pool_size=concurrency + 2))
     metrics = WorkerMetrics()
     metrics.watch_queues(lambda: queue_depths(settings))
     serve(settings.metrics_port, metrics.registry)
@@ -161,7 +161,7 @@ def _reconcile_forever(stop: threading.Event, settings: Settings, app: Celery) -
     publisher = CeleryPublisher(app, settings)
     while not stop.wait(settings.reconcile_interval_s):
         try:
-            report = reconcile(database, publisher, settings)
+            report = reconcile(database, publisher, republish_after_s=settings.republish_after_s)
         except SkutagError as exc:
             reconcile_log.warning("reconcile failed, will try again: %s", exc.message)
             continue

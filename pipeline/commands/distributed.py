@@ -133,7 +133,8 @@ def reconcile(ctx: click.Context) -> None:
 
     settings = settings_from(ctx)
     database = open_database(settings)
-    report = run_reconcile(database, CeleryPublisher(create_app(settings), settings), settings)
+    publisher = CeleryPublisher(create_app(settings), settings)
+    report = run_reconcile(database, publisher, republish_after_s=settings.republish_after_s)
     if report.skipped:
         click.echo("another reconciler is running; nothing done")
         return
