@@ -38,10 +38,11 @@ test: install ## run the whole test suite (needs Postgres and Redis; .ci/run sta
 test-fast: install ## the unit tests only: no services, no worker subprocesses
 	$(PY) -m pytest -m "not postgres and not redis and not slow" $(PYTEST_ARGS)
 
-lint: install ## ruff and mypy, as CI runs them
+lint: install ## ruff, mypy and hadolint (deploy/*.Dockerfile), as CI runs them
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint deploy/*.Dockerfile
 
 format: install ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff format .
