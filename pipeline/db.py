@@ -279,6 +279,22 @@ review_items = sa.Table(
     sa.Index("ix_review_items_run_id", "run_id", "min_confidence", "sku"),
 )
 
+# Thresholds chosen from audited data (skutag eval --recommend-thresholds --write); the writer
+# routes by them unless SKUTAG_ATTRIBUTE_THRESHOLDS names the attribute.
+review_thresholds = sa.Table(
+    "review_thresholds",
+    metadata,
+    sa.Column("attribute", sa.Text, primary_key=True),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("target_precision", sa.Float, nullable=False),
+    sa.Column("precision", sa.Float),
+    sa.Column("coverage", sa.Float, nullable=False),
+    sa.Column("evidence_n", sa.Integer, nullable=False),
+    sa.Column("set_by", sa.Text, nullable=False),
+    sa.Column("set_at", Timestamp, nullable=False),
+    sa.CheckConstraint("threshold >= 0 AND threshold <= 1", name="range"),
+)
+
 taxonomy_values = sa.Table(
     "taxonomy_values",
     metadata,

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.commands import backfill, bench, db, distributed, doctor, failures, local, model, runs, taxonomy
-from pipeline.review.commands import review
+from pipeline.commands import backfill, bench, db, distributed, doctor, failures, local, model, review, runs, taxonomy
 
 COMMANDS: list[click.Command] = [
     db.db,
@@ -28,5 +27,6 @@ COMMANDS: list[click.Command] = [
     local.run_command,
     backfill.backfill,
     local.demo,
-    review,  # the review group (and eval) lives with the review app
+    review.review,
+    review.eval_command,
 ]
