@@ -24,16 +24,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from pipeline import ledger
-from pipeline.db import COPY_NULL, copy_field, copy_rows, insert_for, review_thresholds, taxonomy_values, translated_errors
+from pipeline.db import COPY_NULL, copy_field, copy_rows, insert_for, taxonomy_values, translated_errors
 from pipeline.errors import InputError, RetryableError
 from pipeline.listing import ListingChecker
 from pipeline.listing_store import open_listing_tasks, record_listing_issues
-from pipeline.review.tasks import open_review_tasks
+from pipeline.review import tasks as review_tasks
+from pipeline.review import thresholds as review_thresholds
 from pipeline.routing import Thresholds, routed
 from schemas.results import ErrorCode, ItemError, JobSpec, TagResult, failed_result
 from schemas.taxonomy import CATEGORY, Taxonomy
 
-STORED_THRESHOLDS_TTL_S = 60.0
 NOTIFY_PAYLOAD_LIMIT = 7900  # Postgres caps a NOTIFY payload at 8000 bytes
 
 
@@ -263,10 +263,9 @@ class ResultWriter:
         self.taxonomy = taxonomy
         # Listing checks run on by default; a checker with other settings comes from the caller.
         self.listing = listing if listing is not None else ListingChecker(taxonomy)
-        # Review routing is decided here, at write time, from the thresholds in force: whatever
-        # status a worker or the result cache handed over, the stored one follows these.
-        self.thresholds = thresholds or Thresholds()
-        self._in_force: tuple[float, Thresholds] | None = None
+        # Review routing is decided here, at write time, from the thresholds in force (these, and those
+        # `skutag eval --write` stored): whatever status a worker or the cache handed over.
+        self.thresholds_in_force = review_thresholds.ThresholdsInForce(engine, thresholds or Thresholds())
         self.notify_channel = notify_channel if engine.dialect.name == "postgresql" else None
         self._taxonomy_synced = False
 
@@ -274,30 +273,17 @@ class ResultWriter:
     def is_postgres(self) -> bool:
         return self.engine.dialect.name == "postgresql"
 
-    def thresholds_in_force(self) -> Thresholds:
-        """The configured thresholds with those stored by `skutag eval --write` filling in the
-        attributes the configuration does not name; re-read every minute, so running writers
-        follow a new --write without a restart."""
-        now = time.monotonic()
-        if self._in_force is None or now - self._in_force[0] > STORED_THRESHOLDS_TTL_S:
-            with translated_errors("reading stored thresholds"), self.engine.connect() as conn:
-                stored = {row.attribute: row.threshold for row in conn.execute(sa.select(review_thresholds))}
-            merged = Thresholds(self.thresholds.default, {**stored, **self.thresholds.per_attribute})
-            self._in_force = (now, merged)
-        return self._in_force[1]
-
     def write(self, results: Sequence[TagResult]) -> WriteReport:
         """Write one batch atomically. Raises InvalidResultError (nothing written) or RetryableError."""
         started = time.perf_counter()
         invalid = find_invalid(results, self.taxonomy)
         if invalid:
             raise InvalidResultError(invalid)
-        unique = list({result.job_id: result for result in reversed(results)}.values())[::-1]
-        if not unique:
+        batch = list({result.job_id: result for result in reversed(results)}.values())[::-1]
+        if not batch:
             return WriteReport(0, 0, 0, 0, 0.0)
         self._sync_taxonomy()
-        thresholds = self.thresholds_in_force()
-        batch = [routed(result, thresholds) for result in unique]
+        batch = [routed(result, self.thresholds_in_force.get()) for result in batch]
         with translated_errors("writing results"), self.engine.begin() as conn:
             if self.is_postgres:
                 # Safe to lose on a server crash: the jobs' states roll back with their results, so
@@ -312,7 +298,7 @@ class ResultWriter:
             by_job = {result.job_id: result for result in batch}
             record_listing_issues(conn, self.listing, [by_job[row[1]] for row in won], _utcnow())
             open_listing_tasks(conn, _utcnow())
-            open_review_tasks(conn, _utcnow())
+            review_tasks.open_review_tasks(conn, _utcnow())
             conn.execute(_FINISH_JOBS, {"now": _utcnow()})
             conn.execute(_FINISH_RUNS, {"now": _utcnow()})
             self._notify(conn, [str(row[0]) for row in won])

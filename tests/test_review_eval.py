@@ -148,7 +148,7 @@ def test_eval_on_audits_then_thresholds_from_data(engine: Engine, taxonomy: Taxo
     with engine.connect() as conn:
         stored = dict(conn.execute(sa.text("SELECT attribute, threshold FROM review_thresholds")).all())
     assert stored["style"] == 0.9 and "pattern" not in stored
-    assert ResultWriter(engine, taxonomy).thresholds_in_force().for_attribute("style") == 0.9
+    assert ResultWriter(engine, taxonomy).thresholds_in_force.get().for_attribute("style") == 0.9
 
     html = runner.invoke(main, ["--database-url", url, "eval", "--format", "html", "--output-file",
                                 str(tmp_path / "report.html")])  # fmt: skip

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from pipeline.errors import InputError
 from pipeline.commands.common import open_database, settings_from
+from pipeline.errors import InputError
 from pipeline.settings import Settings
 
 
@@ -67,14 +67,10 @@ def sample_command(ctx: click.Context, run_id: int | None, size: int, stratify: 
                    seed: int | None) -> None:  # fmt: skip
     """Queue a random sample of confidently tagged items as audit items: their outcomes are the
     gold `skutag eval` measures accuracy with. Review them in the app (filter reason: audit)."""
-    from datetime import UTC, datetime
-
-    from pipeline.db import translated_errors
-    from pipeline.review.sampling import sample_audit
+    from pipeline.review.sampling import queue_audit_sample
 
     engine = open_database(settings_from(ctx))
-    with translated_errors("sampling audit items"), engine.begin() as conn:
-        report = sample_audit(conn, size, datetime.now(UTC), run_id, stratify == "category", blind, seed)
+    report = queue_audit_sample(engine, size, run_id, stratify == "category", blind, seed)
     split = ", ".join(f"{name} {n}" for name, n in report.by_category.items()) if stratify else ""
     click.echo(
         f"queued {report.sampled} audit items ({report.tasks} attributes{', blind' if blind else ''}) "
@@ -120,20 +116,12 @@ def eval_command(ctx: click.Context, run_id: int | None, gold_file: Path | None,
 
 def _evaluate(settings: Settings, engine: Any, run_id: int | None, gold_file: Path | None,
               target: float | None) -> tuple[list[Any], dict[str, int]]:  # fmt: skip
-    from pipeline.db import translated_errors
     from pipeline.review import evaluation
     from pipeline.routing import Thresholds
 
-    with translated_errors("evaluating"), engine.connect() as conn:
-        gold = evaluation.gold_from_csv(gold_file) if gold_file else evaluation.gold_from_audits(conn)
-        if run_id is not None:
-            predicted = evaluation.predictions_of_run(conn, run_id)
-        else:
-            predicted = evaluation.current_predictions(conn, {sku for sku, _ in gold})
-        thresholds = evaluation.thresholds_in_force(
-            conn, Thresholds.from_settings(settings), settings.attribute_thresholds
-        )
-    paired = evaluation.pair_up(gold, predicted)
+    paired, thresholds = evaluation.load_scored(
+        engine, run_id, gold_file, Thresholds.from_settings(settings), settings.attribute_thresholds
+    )
     if not paired:
         raise InputError(
             "no gold answer matches a prediction: audit a sample first (skutag review sample, then review "
@@ -171,8 +159,7 @@ def _echo_agreement(engine: Any, runs: tuple[int, int], output: str, output_file
 
     from pipeline.review import evaluation
 
-    with engine.connect() as conn:
-        agreement = evaluation.compare_runs(conn, *runs)
+    agreement = evaluation.compare_runs(engine, *runs)
     if not agreement:
         raise InputError(f"runs {runs[0]} and {runs[1]} share no image (same sku and image sha256)")
     if output == "json":

@@ -21,7 +21,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from pipeline.db import insert_for, results, review_decisions, review_thresholds, reviews, tag_sets, tags
+from pipeline.db import (
+    insert_for,
+    results,
+    review_decisions,
+    review_thresholds,
+    reviews,
+    tag_sets,
+    tags,
+    translated_errors,
+)
 from pipeline.errors import InputError
 from pipeline.review import metrics
 from pipeline.routing import Thresholds
@@ -133,7 +142,7 @@ def write_thresholds(engine: Engine, chosen: Mapping[str, metrics.Recommendation
     ]  # fmt: skip
     if not rows:
         return 0
-    with engine.begin() as conn:
+    with translated_errors("storing thresholds"), engine.begin() as conn:
         insert = insert_for(conn)(review_thresholds)
         conn.execute(
             insert.on_conflict_do_update(
@@ -146,6 +155,21 @@ def write_thresholds(engine: Engine, chosen: Mapping[str, metrics.Recommendation
 
 
 # --- the report ------------------------------------------------------------------------------
+def load_scored(engine: Engine, run_id: int | None, gold_file: Path | None, configured: Thresholds,
+                explicit: Mapping[str, float]) -> tuple[dict[str, list[metrics.Scored]], Thresholds]:  # fmt: skip
+    """Gold (audits, or the CSV) paired with predictions (run_id's results, or the current tags)
+    per attribute, and the thresholds in force."""
+    gold = gold_from_csv(gold_file) if gold_file else None
+    with translated_errors("evaluating"), engine.connect() as conn:
+        gold = gold if gold is not None else gold_from_audits(conn)
+        if run_id is not None:
+            predicted = predictions_of_run(conn, run_id)
+        else:
+            predicted = current_predictions(conn, {sku for sku, _ in gold})
+        thresholds = thresholds_in_force(conn, configured, explicit)
+    return pair_up(gold, predicted), thresholds
+
+
 def pair_up(gold: Mapping[Key, str], predicted: Mapping[Key, Prediction]) -> dict[str, list[metrics.Scored]]:
     by_attribute: dict[str, list[metrics.Scored]] = defaultdict(list)
     for key in sorted(gold):
@@ -187,10 +211,11 @@ class Agreement:
     disagreements: list[tuple[str, str, int]]
 
 
-def compare_runs(conn: Connection, run_a: int, run_b: int) -> list[Agreement]:
+def compare_runs(engine: Engine, run_a: int, run_b: int) -> list[Agreement]:
     """Per attribute, how often two runs gave the same value to the same image (same sku and
     image sha256): the gate before switching quantization or model."""
-    a, b = _run_images(conn, run_a), _run_images(conn, run_b)
+    with translated_errors("comparing runs"), engine.connect() as conn:
+        a, b = _run_images(conn, run_a), _run_images(conn, run_b)
     per_attribute: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for key in sorted(set(a) & set(b)):
         for name, value in a[key].items():

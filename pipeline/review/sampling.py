@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
+from pipeline.db import translated_errors
 from pipeline.review.tasks import REBUILD_ITEMS
 
 _ELIGIBLE = """
@@ -100,3 +101,10 @@ def sample_audit(conn: Connection, size: int, now: datetime, run_id: int | None 
         conn.execute(sa.text(REBUILD_ITEMS.format(won=sampled)), bound)
     return SampleReport(eligible=len(rows), sampled=len(chosen), tasks=tasks,
                         by_category={name: counts[name] for name in sorted(counts)})  # fmt: skip
+
+
+def queue_audit_sample(engine: Engine, size: int, run_id: int | None = None, stratify: bool = False,
+                       blind: bool = False, seed: int | None = None) -> SampleReport:  # fmt: skip
+    """sample_audit in its own transaction: the sample is queued whole or not at all."""
+    with translated_errors("sampling audit items"), engine.begin() as conn:
+        return sample_audit(conn, size, datetime.now(UTC), run_id, stratify, blind, seed)
