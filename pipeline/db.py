@@ -22,6 +22,7 @@ The views sku_tags_current, sku_tags_json and listing_issues (see migrations/) a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from io import StringIO
@@ -335,6 +336,8 @@ def make_engine(database_url: str, **kwargs: Any) -> Engine:
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    if url.get_backend_name() == "postgres":  # postgres://, as libpq and hosting panels write it
+        url = url.set(drivername="postgresql+psycopg2")
     if url.get_backend_name() != "postgresql":
         raise ConfigError(f"SKUTAG_DATABASE_URL: only postgresql and sqlite are supported, got {url.drivername!r}")
     kwargs.setdefault("pool_pre_ping", True)
@@ -406,6 +409,16 @@ def redacted(url: str) -> str:
 # SQLSTATE classes worth another try: serialization failure, deadlock, lock timeout, the server
 # shutting down or refusing connections, and every connection exception (class 08).
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300", "53400"})
+# invalid_catalog_name (no such database), invalid_authorization_specification, invalid_password
+_WRONG_URL_SQLSTATES = frozenset({"3D000", "28000", "28P01"})
+
+
+# Refusals at connection time carry no SQLSTATE in psycopg2, only the server's words. These mean the
+# URL names something that is not there (or may not log in): waiting will not help, the URL must change.
+_WRONG_URL = re.compile(
+    r'(database|role) "[^"]*" does not exist|password authentication failed|no pg_hba\.conf entry'
+    r"|unable to open database file",
+)
 
 
 def classify_db_error(exc: SQLAlchemyError, action: str) -> RetryableError | FinalError:
@@ -414,6 +427,8 @@ def classify_db_error(exc: SQLAlchemyError, action: str) -> RetryableError | Fin
     first_line = (str(orig) if orig is not None else str(exc)).strip().splitlines()[0:1]
     detail = first_line[0] if first_line else type(exc).__name__
     message = f"database error while {action}: {detail}"
+    if sqlstate in _WRONG_URL_SQLSTATES or (not sqlstate and _WRONG_URL.search(detail)):
+        return ConfigError(f"SKUTAG_DATABASE_URL: {detail} (while {action})")
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return RetryableError(message)
     if sqlstate in _RETRYABLE_SQLSTATES or sqlstate.startswith("08"):

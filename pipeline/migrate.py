@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
+from alembic.util.exc import CommandError
 from sqlalchemy.engine import Engine
 
 from pipeline.db import make_engine, translated_errors
+from pipeline.errors import ConfigError
 
 
 def alembic_config(database_url: str) -> Config:
@@ -21,13 +25,31 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
+    config = alembic_config(database_url)
+    _check_revision(config, revision)
     with translated_errors("upgrading the schema"):
-        command.upgrade(alembic_config(database_url), revision)
+        command.upgrade(config, revision)
 
 
 def downgrade(database_url: str, revision: str = "base") -> None:
+    config = alembic_config(database_url)
+    _check_revision(config, revision)
     with translated_errors("downgrading the schema"):
-        command.downgrade(alembic_config(database_url), revision)
+        command.downgrade(config, revision)
+
+
+def _check_revision(config: Config, revision: str) -> None:
+    """An unknown revision is a usage error, said in one line before anything is touched."""
+    if re.fullmatch(r"[+-]\d+", revision):  # relative steps: alembic resolves them against the database
+        return
+    scripts = ScriptDirectory.from_config(config)
+    try:
+        if not revision.strip():
+            raise CommandError("empty revision")
+        scripts.get_revisions(revision)
+    except (CommandError, RevisionError) as exc:
+        known = ", ".join(script.revision for script in reversed(list(scripts.walk_revisions())))
+        raise ConfigError(f"--revision {revision!r}: no such schema revision (known: head, base, {known})") from exc
 
 
 def current_revision(database_url: str) -> str | None:
@@ -54,7 +76,6 @@ def ensure_schema(database_url: str, create_if_embedded: bool = False) -> None:
     """Refuse to run on a database without skutag's current schema (one clear line); the embedded
     SQLite database of local mode is created or migrated on the spot."""
     from pipeline.db import redacted
-    from pipeline.errors import ConfigError
 
     if create_if_embedded and database_url.startswith("sqlite"):
         upgrade(database_url)

@@ -7,11 +7,16 @@ server: a SQLite file in the working directory and the packaged taxonomy.
 
 from __future__ import annotations
 
+import difflib
+import json
+import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from pipeline.errors import ConfigError
 
@@ -52,7 +57,7 @@ class Settings(BaseSettings):
     model_revision: str | None = Field(None, description="Hub revision (commit) to pin.")
     quantization: Quantization = "int8"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    quantization_skip_modules: list[str] = Field(
+    quantization_skip_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["model.visual", "lm_head"],
         description="Modules kept unquantized (quantized ViTs are an accuracy risk).",
     )
@@ -62,8 +67,9 @@ class Settings(BaseSettings):
     prompt_language: PromptLanguage = "en"
     summary_max_tokens: int = Field(40, ge=0, le=256, description="0 turns the summary off.")
     confidence_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    attribute_thresholds: dict[str, float] = Field(
-        default_factory=dict, description="Per-attribute overrides of confidence_threshold."
+    attribute_thresholds: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict,
+        description='Per-attribute overrides of confidence_threshold: style=0.7,pattern=0.6 or {"style": 0.7}.',
     )
 
     # --- listing checks ---------------------------------------------------------------------
@@ -71,7 +77,7 @@ class Settings(BaseSettings):
     listing_min_confidence: float = Field(
         0.8, ge=0.0, le=1.0, description="Only an image tag at least this confident can contradict a listing."
     )
-    listing_ignored_attributes: list[str] = Field(
+    listing_ignored_attributes: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["style", "season"], description="Attributes a listing is not checked on."
     )
 
@@ -97,13 +103,13 @@ class Settings(BaseSettings):
         description="DCT-scaled JPEG decoding may stop at this fraction of image_size (the device upscales "
         "the rest): 0.75 decodes 1600x1200 at 1/4 instead of 1/2, faster and slightly softer.",
     )  # fmt: skip
-    image_roots: list[Path] = Field(
+    image_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=lambda: [Path()], description="Local images must lie under one of these."
     )
-    allowed_hosts: list[str] = Field(
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Hosts exempt from the private-address check (host or host:port)."
     )
-    image_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF"])
+    image_formats: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF"])
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(60_000_000, ge=1)
     decode_budget_mb: int = Field(
@@ -115,11 +121,11 @@ class Settings(BaseSettings):
     fetch_read_timeout_s: float = Field(5.0, gt=0)
     fetch_total_timeout_s: float = Field(15.0, gt=0)
     fetch_max_redirects: int = Field(5, ge=0, le=20)
-    image_stores: list[str] = Field(
+    image_stores: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["s3", "gs"],
         description="fsspec object stores image URIs may name (s3, gs, az, ...; each needs its package).",
     )
-    storage_options: dict[str, dict[str, Any]] = Field(
+    storage_options: Annotated[dict[str, dict[str, Any]], NoDecode] = Field(
         default_factory=dict,
         description='fsspec options per store, JSON: {"s3": {"endpoint_url": "https://minio.internal"}}. '
         "Prefer the store's own credential chain to keys here.",
@@ -161,6 +167,46 @@ class Settings(BaseSettings):
         None, description="Reviewers with scrypt-hashed passwords, `name:hash` lines (skutag review hash-password)."
     )
 
+    # A list setting may be written as one value, a comma-separated list or a JSON list: people
+    # write SKUTAG_IMAGE_ROOTS=/data/images, not '["/data/images"]'. Paths also split on os.pathsep
+    # (as PATH does); hosts never do (':' separates the port).
+    @field_validator(
+        "quantization_skip_modules",
+        "allowed_hosts",
+        "image_formats",
+        "listing_ignored_attributes",
+        "image_stores",
+        mode="before",
+    )
+    @classmethod
+    def _plain_list(cls, value: Any) -> Any:
+        return parse_list(value, ",")
+
+    @field_validator("image_roots", mode="before")
+    @classmethod
+    def _plain_path_list(cls, value: Any) -> Any:
+        return parse_list(value, "," + os.pathsep)
+
+    @field_validator("attribute_thresholds", mode="before")
+    @classmethod
+    def _plain_thresholds(cls, value: Any) -> Any:
+        return parse_thresholds(value)
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _json_mapping(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f'not JSON ({exc.msg}); write {{"s3": {{"endpoint_url": "https://..."}}}}') from None
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_scheme(cls, value: str) -> str:
+        return normalise_database_url(value)
+
     @field_validator("image_size")
     @classmethod
     def _image_size_fits_patches(cls, value: int) -> int:
@@ -185,6 +231,16 @@ class Settings(BaseSettings):
     def threshold_for(self, attribute: str) -> float:
         return self.attribute_thresholds.get(attribute, self.confidence_threshold)
 
+    def check_thresholds(self, attribute_names: Iterable[str]) -> None:
+        """Refuse thresholds for attributes the taxonomy does not have: a misspelt name would
+        otherwise be ignored without a word."""
+        known = sorted(set(attribute_names))
+        for name in self.attribute_thresholds:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+                raise ConfigError(f"SKUTAG_ATTRIBUTE_THRESHOLDS: no attribute {name!r} in the taxonomy ({hint})")
+
 
 def load_settings(**overrides: Any) -> Settings:
     """Build Settings; CLI flags come in as overrides (None means 'not given')."""
@@ -193,14 +249,61 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**given)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from exc
+    except SettingsError as exc:  # a source that could not be read at all (a malformed .env value)
+        raise ConfigError(f"invalid settings: {str(exc).splitlines()[0]}") from exc
+
+
+_POSTGRES_ALIASES = re.compile(r"^postgres(ql)?(\+psycopg2)?://")
+
+
+def normalise_database_url(url: str) -> str:
+    """postgres:// (Heroku, libpq, most hosting panels) means postgresql+psycopg2:// to us."""
+    return _POSTGRES_ALIASES.sub("postgresql+psycopg2://", url.strip(), count=1)
+
+
+def parse_list(value: Any, separators: str) -> Any:
+    """A JSON list, or values split on any of separators; anything not a string is left to pydantic."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            hint = "write one value, a comma-separated list or a JSON list"
+            raise ValueError(f"not a JSON list ({exc.msg}); {hint}") from None
+    return [part.strip() for part in re.split(f"[{re.escape(separators)}]", text) if part.strip()]
+
+
+def parse_thresholds(value: Any) -> Any:
+    """{"style": 0.7} (JSON) or style=0.7,pattern=0.6."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f'not JSON ({exc.msg}); write style=0.7,pattern=0.6 or {{"style": 0.7}}') from None
+    thresholds: dict[str, str] = {}
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        name, equals, number = pair.partition("=")
+        if not equals or not name.strip():
+            raise ValueError(f'{pair!r} is not name=value; write style=0.7,pattern=0.6 or {{"style": 0.7}}')
+        thresholds[name.strip()] = number.strip()
+    return thresholds
+
+
+# Settings that may hold credentials: a bad one is named, its value is not repeated.
+_NOT_ECHOED = frozenset({"storage_options", "review_token"})
 
 
 def describe_validation_error(exc: ValidationError) -> str:
     """One line per bad setting: the variable a user would set, and what is allowed."""
     lines = []
     for error in exc.errors():
-        name = ".".join(str(part) for part in error["loc"])
-        env_name = ENV_PREFIX + name.split(".")[0].upper()
-        got = error.get("input")
-        lines.append(f"{env_name}: {error['msg']} (got {got!r})")
+        field, *inside = [str(part) for part in error["loc"]]
+        env_name = ENV_PREFIX + field.upper() + (f" [{'.'.join(inside)}]" if inside else "")
+        got = "a value not shown" if field in _NOT_ECHOED else repr(error.get("input"))
+        lines.append(f"{env_name}: {error['msg']} (got {got})")
     return "invalid settings: " + "; ".join(lines)

@@ -30,6 +30,7 @@ from pipeline.db import translated_errors
 from pipeline.errors import InferenceError, SkutagError
 from pipeline.images import ImageIntake
 from pipeline.inference import BatchStats, ItemTags, TaggingEngine
+from pipeline.retrying import retry_until
 from pipeline.routing import Thresholds
 from pipeline.runner import tag_batch
 from pipeline.settings import Settings
@@ -220,35 +221,45 @@ class JobHandler:
         self.intake.close()
 
     def handle(self, specs: Sequence[JobSpec], sink: ResultSink) -> HandleReport:
-        """Process one delivery of jobs. Idempotent: a redelivered job that is done is skipped."""
+        """Process one delivery of jobs. Idempotent: a redelivered job that is done is skipped.
+
+        Database work is retried with back-off until the lease ends (for the claim: one lease from
+        receipt); past it a RetryableError goes up and the caller hands the delivery back to the
+        broker, whose next delivery may claim the jobs again at once (their lease has run out)."""
         report = HandleReport(received=len(specs))
-        with translated_errors("claiming jobs"), self.database.begin() as conn:
-            claim = ledger.claim_jobs(conn, specs, self.options.lease_s, self.options.max_attempts)
+        received = time.monotonic()
+        claim, lease_end = retry_until(received + self.options.lease_s, lambda: self._claim(specs), "claiming jobs")
         report.skipped = len(claim.skipped)
         exhausted = [failed_result(job, error, self.engine.provenance(job.run_id)) for job, error in claim.exhausted]
         if not claim.claimed:
-            self._finish(exhausted, [], sink, report)
+            self._finish(exhausted, [], sink, report, lease_end)
             return report
         try:
             outcomes = self.intake.prepare_jobs(claim.claimed, self.pool)
-            cache = self._cache_for(claim.claimed, outcomes)
+            cache = retry_until(lease_end, lambda: self._cache_for(claim.claimed, outcomes), "reading the result cache")
             batch = tag_batch(self.tagger, claim.claimed, outcomes, cache, self.options.max_attempts, self.thresholds)
             report.cache_hits, report.stats = batch.cache_hits, batch.stats
-            self._finish(exhausted + batch.results, batch.retries, sink, report)
+            self._finish(exhausted + batch.results, batch.retries, sink, report, lease_end)
         except SkutagError:
-            raise  # retryable outages go back to the caller (Celery retries the message)
+            raise  # outages that outlasted the lease go back to the caller (Celery retries the message)
         except Exception as exc:
-            self._release_after_bug(claim.claimed, exc)
+            self._release_after_bug(claim.claimed, exc, lease_end)
         return report
 
-    def _release_after_bug(self, claimed: Sequence[JobSpec], exc: Exception) -> None:
+    def _claim(self, specs: Sequence[JobSpec]) -> tuple[ledger.Claim, float]:
+        """The claim, and when (on the monotonic clock) the lease it took ends."""
+        started = time.monotonic()
+        with translated_errors("claiming jobs"), self.database.begin() as conn:
+            claim = ledger.claim_jobs(conn, specs, self.options.lease_s, self.options.max_attempts)
+        return claim, started + self.options.lease_s
+
+    def _release_after_bug(self, claimed: Sequence[JobSpec], exc: Exception, lease_end: float) -> None:
         """A bug outside any one item: only the jobs this delivery claimed go back to the queue, at
         once and with the cause (not after their lease, not failed as attempts_exhausted without
         one); their attempt was counted, so a bug that always strikes ends in max_attempts."""
         log.error("handling %d claimed jobs failed unexpectedly; releasing them", len(claimed), exc_info=exc)
         error = ItemError(code=ErrorCode.INTERNAL_ERROR, message=f"internal error ({type(exc).__name__}); see the log")
-        with translated_errors("releasing jobs after an internal error"), self.database.begin() as conn:
-            ledger.release_jobs(conn, [(job.job_id, error) for job in claimed])
+        retry_until(lease_end, lambda: self._release([(job, error) for job in claimed]), "releasing jobs")
 
     def _cache_for(self, jobs: Sequence[JobSpec], outcomes: Sequence[object]) -> dict[int, TagResult]:
         """Stored model outputs by job id, for the jobs whose run may use the result cache
@@ -272,9 +283,10 @@ class JobHandler:
         retries: list[tuple[JobSpec, ItemError]],
         sink: ResultSink,
         report: HandleReport,
+        lease_end: float,
     ) -> None:
         if results:
-            sink.send_results(results)
+            retry_until(lease_end, lambda: sink.send_results(results), "sending results")
         report.results = len(results)
         for result in results:
             report.outcomes[result.status] = report.outcomes.get(result.status, 0) + 1
@@ -293,6 +305,9 @@ class JobHandler:
         if retries:
             # Back to the queue with no message: the reconciler (new jobs) or the backfill (its own)
             # publishes them on its next round, which is the retry's back-off.
-            with translated_errors("releasing jobs for retry"), self.database.begin() as conn:
-                ledger.release_jobs(conn, [(job.job_id, error) for job, error in retries])
+            retry_until(lease_end, lambda: self._release(retries), "releasing jobs for retry")
             report.retried = len(retries)
+
+    def _release(self, retries: list[tuple[JobSpec, ItemError]]) -> None:
+        with translated_errors("releasing jobs for retry"), self.database.begin() as conn:
+            ledger.release_jobs(conn, [(job.job_id, error) for job, error in retries])

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.settings import load_settings
+from schemas.taxonomy import CATEGORY, default_taxonomy
 
 
 def test_defaults_need_no_server(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,3 +57,71 @@ def test_a_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, env: st
         load_settings()
     assert str(caught.value).startswith("invalid settings: " + message)
     assert "\n" not in str(caught.value)
+
+
+# --- list and mapping settings as people write them ----------------------------------------
+@pytest.mark.parametrize(
+    ("env", "value", "field", "expected"),
+    [
+        ("SKUTAG_IMAGE_ROOTS", "/data/images", "image_roots", [Path("/data/images")]),
+        ("SKUTAG_IMAGE_ROOTS", f"/a{os.pathsep}/b, /c", "image_roots", [Path("/a"), Path("/b"), Path("/c")]),
+        ("SKUTAG_IMAGE_ROOTS", '["/data/images"]', "image_roots", [Path("/data/images")]),
+        ("SKUTAG_ALLOWED_HOSTS", "cdn.example.com", "allowed_hosts", ["cdn.example.com"]),
+        ("SKUTAG_ALLOWED_HOSTS", "cdn.example.com, [::1]:8765", "allowed_hosts", ["cdn.example.com", "[::1]:8765"]),
+        ("SKUTAG_ALLOWED_HOSTS", '["a.example", "b.example:8080"]', "allowed_hosts", ["a.example", "b.example:8080"]),
+        ("SKUTAG_ALLOWED_HOSTS", "", "allowed_hosts", []),
+        ("SKUTAG_IMAGE_FORMATS", "jpeg,png", "image_formats", ["JPEG", "PNG"]),
+        ("SKUTAG_QUANTIZATION_SKIP_MODULES", "lm_head", "quantization_skip_modules", ["lm_head"]),
+        (
+            "SKUTAG_ATTRIBUTE_THRESHOLDS",
+            "style=0.7, pattern=0.6",
+            "attribute_thresholds",
+            {"style": 0.7, "pattern": 0.6},
+        ),
+        ("SKUTAG_ATTRIBUTE_THRESHOLDS", '{"style": 0.7}', "attribute_thresholds", {"style": 0.7}),
+        (
+            "SKUTAG_DATABASE_URL",
+            "postgres://u@db.example/tags",
+            "database_url",
+            "postgresql+psycopg2://u@db.example/tags",
+        ),
+        ("SKUTAG_DATABASE_URL", "postgresql://u@db/tags", "database_url", "postgresql+psycopg2://u@db/tags"),
+    ],
+)
+def test_list_settings_take_a_plain_value_a_separated_list_or_json(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, field: str, expected: object
+) -> None:
+    monkeypatch.setenv(env, value)
+    assert getattr(load_settings(), field) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "message"),
+    [
+        ("SKUTAG_ATTRIBUTE_THRESHOLDS", "{style: 0.7}", "SKUTAG_ATTRIBUTE_THRESHOLDS: Value error, not JSON"),
+        ("SKUTAG_ATTRIBUTE_THRESHOLDS", "style", "SKUTAG_ATTRIBUTE_THRESHOLDS: Value error, 'style' is not name=value"),
+        ("SKUTAG_ATTRIBUTE_THRESHOLDS", "style=high", "SKUTAG_ATTRIBUTE_THRESHOLDS [style]: Input should be a valid"),
+        ("SKUTAG_IMAGE_ROOTS", "[/data/images", "SKUTAG_IMAGE_ROOTS: Value error, not a JSON list"),
+        ("SKUTAG_IMAGE_FORMATS", '["JPEG", 1]', "SKUTAG_IMAGE_FORMATS [1]: Input should be a valid string"),
+        ("SKUTAG_IMAGE_FORMATS", "[1, 2", "SKUTAG_IMAGE_FORMATS: Value error, not a JSON list"),
+    ],
+)
+def test_a_malformed_list_or_mapping_is_one_line_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert str(caught.value).startswith("invalid settings: " + message), str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert caught.value.exit_code == 2
+
+
+def test_a_misspelt_attribute_in_the_thresholds_is_refused_with_a_suggestion(monkeypatch: pytest.MonkeyPatch) -> None:
+    taxonomy = default_taxonomy()
+    names = [*taxonomy.attributes, CATEGORY]
+    monkeypatch.setenv("SKUTAG_ATTRIBUTE_THRESHOLDS", "stlye=0.7")
+    with pytest.raises(ConfigError, match=r"SKUTAG_ATTRIBUTE_THRESHOLDS: no attribute 'stlye'.*did you mean 'style'"):
+        load_settings().check_thresholds(names)
+    monkeypatch.setenv("SKUTAG_ATTRIBUTE_THRESHOLDS", "style=0.7,category=0.9")
+    load_settings().check_thresholds(names)  # every name known: no error

@@ -31,6 +31,7 @@ from pipeline.listing import ListingChecker
 from pipeline.logs import log_context
 from pipeline.metrics import WorkerMetrics, WriterMetrics, serve
 from pipeline.reconcile import reconcile
+from pipeline.retrying import retry_until
 from pipeline.routing import Thresholds
 from pipeline.settings import Settings
 from pipeline.worker import JobHandler
@@ -44,9 +45,14 @@ log = logging.getLogger("skutag.worker")
 writer_log = logging.getLogger("skutag.writer")
 reconcile_log = logging.getLogger("skutag.reconcile")
 
+# A delivery handed back after a lease of database retries comes round again this soon.
+REDELIVER_AFTER_S = 1
+
 
 def register_tag_task(app: Celery, handler: JobHandler, sink: CelerySink, metrics: WorkerMetrics) -> None:
-    @app.task(name=TAG_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+    # max_retries=None on the task (not on self.retry, where None means "the default", 3): a message
+    # is never dropped for an outage. handle() has already retried with back-off for a lease.
+    @app.task(name=TAG_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)  # type: ignore[untyped-decorator]
     def tag(self: Any, jobs: list[dict[str, Any]]) -> None:
         started = time.perf_counter()
         specs = valid_specs(jobs)
@@ -58,8 +64,8 @@ def register_tag_task(app: Celery, handler: JobHandler, sink: CelerySink, metric
         try:
             report = handler.handle(specs, sink)
         except RetryableError as exc:
-            log.warning("batch of %d jobs will be retried: %s", len(specs), exc.message)
-            raise self.retry(exc=exc, countdown=5, max_retries=None) from exc
+            log.warning("batch of %d jobs goes back to the queue: %s", len(specs), exc.message)
+            raise self.retry(exc=exc, countdown=REDELIVER_AFTER_S) from exc
         metrics.observe(report, time.perf_counter() - started)
         log.info(
             "%d jobs: %d results (%d from cache), %d retried, %d skipped in %.0f ms",
@@ -132,7 +138,9 @@ def register_write_task(app: Celery, writer: ResultWriter, settings: Settings, m
             return
         started = time.perf_counter()
         try:
-            write_valid(writer, results)
+            # The jobs' leases run for lease_s: a write that succeeds before then loses nothing.
+            deadline = time.monotonic() + settings.lease_s
+            retry_until(deadline, lambda: write_valid(writer, results), "writing results")
         except RetryableError as exc:
             writer_log.error(
                 "could not write %d results (%s): putting them back on the queue", len(results), exc.message
