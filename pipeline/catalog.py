@@ -7,7 +7,9 @@ number and the reason, and the good rows go ahead.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -29,6 +31,9 @@ ALIASES = {
 }
 LIMITS = {"sku": 256, "image_uri": 4096, "title": 1000, "category_hint": 200}
 SCHEMES = {"", "http", "https", "file"} | OBJECT_STORE_SCHEMES
+# Undecodable bytes (read with surrogateescape) and JSON's "\ud800" escapes: no database or
+# encoder downstream accepts them, so they are caught here, per row.
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,10 @@ class RowError:
 def read_catalog(source: TextIO, name: str = "-") -> Iterator[tuple[int, CatalogRow | RowError]]:
     """(line number, row or error) for each data row; JSONL when the name ends in .jsonl/.ndjson or
     the first character is '{', CSV otherwise."""
+    if isinstance(source, io.TextIOWrapper):
+        # Bytes that are not UTF-8 become lone surrogates (U+DC80..U+DCFF) instead of ending the
+        # read: the row that holds them is then a bad row with its line number (see _field).
+        source.reconfigure(errors="surrogateescape")
     first = source.read(1)
     if not first:
         return
@@ -76,14 +85,24 @@ def _jsonl(lines: Iterable[str]) -> Iterator[tuple[int, CatalogRow | RowError]]:
 
 def _csv(lines: Iterable[str], name: str) -> Iterator[tuple[int, CatalogRow | RowError]]:
     reader = csv.reader(lines)
-    header = next(reader, None)
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        raise InputError(f"{name}: the header line is not valid CSV: {exc}") from exc
     if header is None:
         return
     columns = [ALIASES.get(column.strip().lower().lstrip("\ufeff")) for column in header]
     missing = {"sku", "image_uri"} - set(columns)
     if missing:
         raise InputError(f"{name}: the header needs {' and '.join(sorted(missing))} columns (got {', '.join(header)})")
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # a field over csv.field_size_limit(), a NUL byte: this row only
+            yield reader.line_num, RowError(reader.line_num, f"not valid CSV: {exc}")
+            continue
         number = reader.line_num
         if not any(cell.strip() for cell in row):
             continue
@@ -116,6 +135,8 @@ def _field(field: str, raw: object) -> tuple[str | None, str | None]:
     if raw is not None and not isinstance(raw, str | int):
         return None, f"{field} must be text"
     text = str(raw).strip() if raw is not None else ""
+    if _SURROGATES.search(text):
+        return None, f"{field} is not valid UTF-8 text (undecodable bytes or a lone surrogate)"
     if len(text) > LIMITS[field]:
         return None, f"{field} is longer than {LIMITS[field]} characters"
     if any(ord(char) < 32 for char in text):

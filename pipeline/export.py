@@ -2,12 +2,12 @@
 listing issues found for each sku.
 
     jsonl  one document per sku (sku_tags_json.tags), plus listing_issues when it has any
-    csv    one row per sku and attribute (sku_tags_current), plus a listing_values column
+    csv    one row per sku and attribute (sku_tags_current), plus a listing_values column; text
+           that a spreadsheet would run as a formula is neutralised (pipeline.spreadsheet)
 """
 
 from __future__ import annotations
 
-import csv
 import json
 from typing import TextIO
 
@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 
 from pipeline.db import translated_errors
 from pipeline.listing_store import issues_by_sku
+from pipeline.spreadsheet import FormulaSafeWriter
 
 CSV_COLUMNS = (
     "sku", "attribute", "value", "confidence", "source", "label_en", "label_zh", "model_id",
@@ -46,7 +47,7 @@ def export_csv(database: Engine, output: TextIO) -> int:
     query = sa.text(f"SELECT {', '.join(CSV_COLUMNS)} FROM sku_tags_current ORDER BY sku, attribute")
     with translated_errors("exporting tags"), database.connect() as conn:
         issues = issues_by_sku(conn)
-        writer = csv.writer(output)
+        writer = FormulaSafeWriter(output)  # skus come from catalogs: no formula may run in a spreadsheet
         writer.writerow([*CSV_COLUMNS, "listing_values"])
         for row in conn.execution_options(yield_per=5000).execute(query):
             listed: list[str] = next(

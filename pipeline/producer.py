@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from pipeline import ledger
 from pipeline.catalog import Deduplicator, RowError, chunks
 from pipeline.db import translated_errors
-from pipeline.errors import RetryableError
+from pipeline.errors import RetryableError, SkutagError
 from pipeline.prompts import build_prompt
 from pipeline.settings import Settings
 from pipeline.worker import JobPublisher
@@ -73,6 +73,25 @@ def submit_catalog(
     config = config_snapshot(settings, taxonomy, use_cache)
     with translated_errors("creating the run"), database.begin() as conn:
         report = SubmitReport(run_id=ledger.create_run(conn, kind, config))
+    try:
+        _record_rows(rows, database, publisher, queue, report, on_chunk)
+    except BaseException as exc:  # a bug, an outage, Ctrl-C: no run may stay open forever
+        _seal_aborted(database, report, exc)
+        raise
+    with translated_errors("sealing the run"), database.begin() as conn:
+        ledger.seal_run(conn, report.run_id)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _record_rows(
+    rows: Iterator[tuple[int, Any]],
+    database: Engine,
+    publisher: JobPublisher | None,
+    queue: str,
+    report: SubmitReport,
+    on_chunk: Callable[[int], None] | None,
+) -> None:
     deduplicator = Deduplicator()
     for chunk in chunks(rows, CHUNK_ROWS):
         good: list[ledger.CatalogRow] = []
@@ -88,10 +107,27 @@ def submit_catalog(
             _publish(database, publisher, specs, queue, report)
         if on_chunk:
             on_chunk(len(chunk))
-    with translated_errors("sealing the run"), database.begin() as conn:
-        ledger.seal_run(conn, report.run_id)
-    report.seconds = time.perf_counter() - started
-    return report
+
+
+def _seal_aborted(database: Engine, report: SubmitReport, exc: BaseException) -> None:
+    """The submit stopped halfway: the jobs recorded so far are real (some may be tagged already),
+    so the run is sealed with them and ends with its last job, and the error says so. If even that
+    fails (the database is what went away), the error says how to seal it by hand."""
+    reason = exc.message if isinstance(exc, SkutagError) else type(exc).__name__
+    run = report.run_id
+    note = {"submit_aborted": reason[:500], "jobs_recorded": report.accepted, "bad_rows": len(report.bad_rows)}
+    try:
+        with translated_errors("sealing the aborted run"), database.begin() as conn:
+            if ledger.discard_empty_run(conn, report.run_id):
+                said = "nothing was recorded"
+            else:
+                ledger.seal_open_run(conn, report.run_id, note)
+                said = f"run {run} was sealed with the {report.accepted} jobs recorded before the submit stopped"
+    except SkutagError:
+        said = f"run {run} is still open: `skutag runs seal {run}` (or cancel) once the database is back"
+    if isinstance(exc, SkutagError):
+        exc.message = f"{exc.message}; {said}"
+    exc.add_note(said)
 
 
 def _record(database: Engine, run_id: int, rows: Sequence[ledger.CatalogRow], queue: str) -> list[JobSpec]:

@@ -35,6 +35,7 @@ class ErrorCode(StrEnum):
     INVALID_RESULT = "invalid_result"
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
     INTERNAL_ERROR = "internal_error"  # a bug: the traceback is in the log, with the job id and sku
+    CANCELLED = "cancelled"  # `skutag runs cancel RUN` ended the run before this job ran
 
 
 # Worth another attempt later; every other code fails the job at once.

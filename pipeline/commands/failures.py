@@ -25,13 +25,12 @@ def failures(ctx: click.Context, run_id: int, code: str | None, fmt: str) -> Non
 
     \b
       skutag failures 42 --code not_found --format csv > missing.csv"""
-    from csv import writer as csv_writer
-
     from rich.table import Table
 
     from pipeline.failures import list_failures
     from pipeline.run_progress import snapshot
     from pipeline.secrets import mask_secrets
+    from pipeline.spreadsheet import FormulaSafeWriter
 
     database = open_database(settings_from(ctx))
     if snapshot(database, run_id).state == "missing":
@@ -41,7 +40,7 @@ def failures(ctx: click.Context, run_id: int, code: str | None, fmt: str) -> Non
         for f in list_failures(database, run_id, code)
     ]
     if fmt == "csv":
-        out = csv_writer(sys.stdout)
+        out = FormulaSafeWriter(sys.stdout)  # skus come from catalogs: no formula may run in a spreadsheet
         out.writerow(FAILURE_COLUMNS)
         out.writerows(rows)
     elif sys.stdout.isatty():

@@ -13,7 +13,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from pipeline.db import jobs, runs
+from pipeline.errors import InputError
 from pipeline.ledger.common import NOW, utcnow
+from schemas.results import ErrorCode
 from schemas.states import OPEN_JOB_STATES, JobState, RunState, sql_list
 
 # A run ends when its last open job does: done, partial (some failed) or failed (all failed).
@@ -209,3 +211,52 @@ _LATEST_RUN_OUTCOMES = sa.text("""
 def latest_run_outcomes(conn: Connection) -> list[Any]:
     """Each job of the newest run with its state, error and a few current tags (the demo's table)."""
     return list(conn.execute(_LATEST_RUN_OUTCOMES).all())
+
+
+# --- ending runs by hand ---------------------------------------------------------------------
+def _still_running(conn: Connection, run_id: int) -> Any:
+    row = conn.execute(sa.select(runs.c.state, runs.c.planned_at).where(runs.c.id == run_id)).one_or_none()
+    if row is None:
+        raise InputError(f"no run {run_id}")
+    if row.state != RunState.RUNNING.value:
+        raise InputError(f"run {run_id} has already ended ({row.state})")
+    return row
+
+
+def seal_open_run(conn: Connection, run_id: int, note: dict[str, Any] | None = None) -> bool:
+    """Seal a run whose submit stopped before sealing it: it ends with the jobs it has. note goes
+    into the run's summary (why it was sealed). False when it was sealed already."""
+    row = _still_running(conn, run_id)
+    if note is not None:
+        conn.execute(sa.update(runs).where(runs.c.id == run_id).values(summary=note))
+    if row.planned_at is not None:
+        return False
+    seal_run(conn, run_id)
+    return True
+
+
+def discard_empty_run(conn: Connection, run_id: int) -> bool:
+    """Delete a run that has no jobs (a submit that stopped before its first row was recorded)."""
+    no_jobs = ~sa.exists().where(jobs.c.run_id == run_id)
+    return bool(conn.execute(sa.delete(runs).where(runs.c.id == run_id, no_jobs)).rowcount)
+
+
+def cancel_run(conn: Connection, run_id: int, now: datetime | None = None) -> int:
+    """End a run now: its open jobs fail as cancelled (a message still in the broker finds nothing
+    to claim; a result already on its way is still written). Returns the jobs cancelled."""
+    _still_running(conn, run_id)
+    now = now or utcnow()
+    cancelled = conn.execute(
+        sa.update(jobs)
+        .where(jobs.c.run_id == run_id, jobs.c.state.in_([state.value for state in OPEN_JOB_STATES]))
+        .values(
+            state=JobState.FAILED.value, last_error_code=ErrorCode.CANCELLED.value,
+            last_error="the run was cancelled", lease_expires_at=None, finished_at=now, updated_at=now,
+        )
+    ).rowcount  # fmt: skip
+    conn.execute(
+        sa.update(runs)
+        .where(runs.c.id == run_id)
+        .values(state=RunState.CANCELLED.value, planned_at=sa.func.coalesce(runs.c.planned_at, now), finished_at=now)
+    )
+    return int(cancelled or 0)
