@@ -101,6 +101,8 @@ def _missing_model_message(model: str, exc: OSError) -> str:
     folder = model.rsplit("/", maxsplit=1)[-1]
     if Path(model).exists():
         return f"{model}: not a loadable model directory ({str(exc).splitlines()[0]})"
+    if not _is_hub_id(model):
+        return _no_such_directory(model)
     return (
         f"model {model!r} is not on this machine and the hub cannot be reached. On a machine with internet: "
         f"`hf download {model} --local-dir ./models/{folder}`, copy that folder here and set "
@@ -114,6 +116,8 @@ def _load(settings: Settings, device: Any, weights_dtype: Any, compute_dtype: An
     directory = Path(settings.model)
     if directory.is_dir() and not (directory / "config.json").exists():
         raise ModelError(f"{settings.model}: not a loadable model directory (no config.json)")
+    if not directory.exists() and not _is_hub_id(settings.model):
+        raise ModelError(_no_such_directory(settings.model))
     kwargs: dict[str, Any] = {
         "revision": settings.model_revision,
         "attn_implementation": "sdpa",
@@ -156,7 +160,38 @@ def _local_first(loader: Callable[..., Any], model: str, **kwargs: Any) -> Any:
     except OSError:
         if huggingface_hub.constants.HF_HUB_OFFLINE or Path(model).exists():
             raise
+    _require_hub(huggingface_hub.constants.ENDPOINT)
     return loader(model, **kwargs)
+
+
+def _require_hub(endpoint: str, timeout_s: float = 5.0) -> None:
+    """One quick look at the hub before asking it for files: offline, the hub client would retry
+    every request with back-off (22 log lines over a minute) before failing the same way."""
+    import httpx
+
+    try:
+        httpx.head(endpoint, timeout=timeout_s)  # any answer, even an error status, means reachable
+    except httpx.HTTPError as exc:
+        raise OSError(f"{endpoint} cannot be reached: {exc}") from exc
+
+
+def _is_hub_id(model: str) -> bool:
+    """'Qwen/Qwen3-VL-8B-Instruct' or 'gpt2'; './models/x', '/opt/x' and 'a/b/c' are paths."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _no_such_directory(model: str) -> str:
+    return (
+        f"SKUTAG_MODEL / --model {model!r}: no such directory (a hub id looks like Qwen/Qwen3-VL-8B-Instruct; "
+        "`skutag model tiny DIR` builds a random test model)"
+    )
 
 
 def _image_processor_config(model: str, revision: str | None) -> dict[str, Any]:

@@ -98,13 +98,14 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         server.cleanup()
 
 
-JOBS = 80
+JOBS = 48
 OUTAGE_S = 35  # longer than Celery's default retries (3 x 5 s) and two leases
 
 
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.redis
+@pytest.mark.timeout(600)
 def test_a_postgres_outage_while_a_worker_claims_loses_no_job(
     private_postgres: PrivatePostgres, tmp_path: Path, tiny_model_dir: Path, taxonomy: Taxonomy
 ) -> None:
