@@ -31,3 +31,7 @@ class FormulaSafeWriter:
 
     def writerow(self, row: Iterable[Any]) -> None:
         self._writer.writerow([neutralised(value) for value in row])
+
+    def writerows(self, rows: Iterable[Iterable[Any]]) -> None:
+        for row in rows:
+            self.writerow(row)

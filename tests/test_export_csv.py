@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -63,3 +64,19 @@ def test_csv_export_neutralises_formula_skus_and_jsonl_keeps_them(
     assert result.exit_code == 0, result.output
     lines = (tmp_path / "t.jsonl").read_text(encoding="utf-8").splitlines()
     assert {json.loads(line)["sku"] for line in lines} == set(skus)
+
+
+def test_the_failures_csv_neutralises_formula_skus(sqlite_engine: Engine) -> None:
+    skus = [*HOSTILE_SKUS, "PLAIN-1"]
+    with sqlite_engine.begin() as conn:
+        ledger.upsert_items(
+            conn, [ledger.CatalogRow(sku=sku, image_uri=f"file:///{i}.jpg") for i, sku in enumerate(skus)]
+        )
+        run_id = ledger.create_run(conn, "submit", {})
+        ledger.add_jobs(conn, run_id, [(sku, f"file:///{i}.jpg") for i, sku in enumerate(skus)])
+        ledger.cancel_run(conn, run_id)  # every job failed, code cancelled
+    args = ["--database-url", str(sqlite_engine.url), "failures", str(run_id), "--format", "csv"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    exported = {row["sku"] for row in csv.DictReader(io.StringIO(result.stdout, newline=""))}
+    assert exported == {"'" + sku for sku in HOSTILE_SKUS} | {"PLAIN-1"}
