@@ -7,6 +7,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
+from pipeline.commands.exits import for_error
 from pipeline.db import make_engine, translated_errors
 from pipeline.errors import ConfigError, RetryableError, SkutagError
 from pipeline.migrate import upgrade
@@ -45,7 +46,7 @@ def test_a_missing_database_or_role_is_a_setting_to_fix_and_an_unreachable_serve
         connect(url())  # type: ignore[operator]
     assert type(caught.value) is error, caught.value
     assert words in caught.value.message
-    assert caught.value.exit_code == (2 if error is ConfigError else 3)
+    assert for_error(caught.value) == (2 if error is ConfigError else 3)
     assert "\n" not in caught.value.message
 
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from pipeline.commands.exits import for_error
 from pipeline.errors import ModelError
 from pipeline.model_loading import load_model
 from pipeline.settings import load_settings
@@ -44,4 +45,4 @@ def test_a_missing_directory_is_named_as_one_and_never_sent_to_the_hub(hub_offli
         load_model(load_settings(model=model, device="cpu", quantization="fp32"))
     assert caught.value.message.startswith(f"SKUTAG_MODEL / --model {model!r}: no such directory")
     assert "hf download" not in caught.value.message
-    assert caught.value.exit_code == 2
+    assert for_error(caught.value) == 2

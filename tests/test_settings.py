@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.commands.exits import for_error
 from pipeline.errors import ConfigError
 from pipeline.settings import load_settings
 from schemas.taxonomy import CATEGORY, default_taxonomy
@@ -114,7 +115,7 @@ def test_a_malformed_list_or_mapping_is_one_line_naming_the_variable(
         load_settings()
     assert str(caught.value).startswith("invalid settings: " + message), str(caught.value)
     assert "\n" not in str(caught.value)
-    assert caught.value.exit_code == 2
+    assert for_error(caught.value) == 2
 
 
 def test_a_misspelt_attribute_in_the_thresholds_is_refused_with_a_suggestion(monkeypatch: pytest.MonkeyPatch) -> None:
