@@ -78,6 +78,59 @@ def sample_command(ctx: click.Context, run_id: int | None, size: int, stratify: 
     )
 
 
+@review.command("export")
+@click.option("--format", "output_format", type=click.Choice(["label-studio"]), default="label-studio",
+              show_default=True)  # fmt: skip
+@click.option("--all", "everything", is_flag=True, help="Every sku with tags, not only the review queue.")
+@click.option("--run", "run_id", type=int, help="Only queue items of this run.")
+@click.option("--image-base-url", metavar="URL",
+              help="Serve local images through the review app at URL (its /image?sku=...).")  # fmt: skip
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: stdout.")
+@click.option("--label-config", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the Label Studio labeling config (XML) the tasks fit.")  # fmt: skip
+@click.pass_context
+def export_command(ctx: click.Context, output_format: str, everything: bool, run_id: int | None,
+                   image_base_url: str | None, output: Path | None, label_config: Path | None) -> None:  # fmt: skip
+    """Export tasks for Label Studio: per sku the image URL and one prediction per attribute with
+    its confidence as score (Label Studio sorts and filters by it). Import the file into a project
+    whose labeling config is --label-config."""
+    import json
+
+    from pipeline.review import label_studio
+    from schemas.taxonomy import load_taxonomy
+
+    settings = settings_from(ctx)
+    tasks = label_studio.export_tasks(open_database(settings), not everything, run_id, image_base_url)
+    _emit(json.dumps(tasks, ensure_ascii=False, indent=1), output)
+    if label_config is not None:
+        label_config.write_text(label_studio.label_config(load_taxonomy(settings.taxonomy_path)), encoding="utf-8")
+    click.echo(f"{len(tasks)} tasks, {sum(len(t['predictions']) for t in tasks)} predictions", err=True)
+
+
+@review.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_context
+def import_command(ctx: click.Context, file: Path) -> None:
+    """Record the annotations of a Label Studio JSON export (of tasks skutag exported) as reviews:
+    validated like the app's decisions; refused ones are listed with a code, the rest recorded."""
+    from pipeline.review import label_studio
+    from schemas.taxonomy import load_taxonomy
+
+    settings = settings_from(ctx)
+    tasks = label_studio.read_export(file)
+    report = label_studio.import_annotations(
+        open_database(settings), load_taxonomy(settings.taxonomy_path), tasks, settings.notify_channel
+    )
+    for refusal in report.refused[:20]:
+        click.echo(f"refused {refusal.sku} {refusal.attribute}: {refusal.code}: {refusal.message}", err=True)
+    for reason in report.skipped[:20]:
+        click.echo(f"skipped {reason}", err=True)
+    click.echo(f"{report.tasks} tasks: {report.recorded} decisions recorded, {len(report.refused)} refused, "
+               f"{len(report.skipped)} tasks without a usable annotation")  # fmt: skip
+    if report.refused:
+        ctx.exit(2)
+
+
 @click.command("eval")
 @click.option("--run", "run_id", type=int, help="Score this run's results (default: the current tags).")
 @click.option("--gold", "gold_file", type=click.Path(dir_okay=False, path_type=Path),
