@@ -112,6 +112,20 @@ def bench_listing(cases: int, seed: int) -> None:
     click.echo(json.dumps(listing.run(count=cases, seed=seed), ensure_ascii=False, indent=2))
 
 
+@bench.command("review")
+@bench_services
+@click.option("--results", default=1_000_000, show_default=True, help="Results (and skus) in the database.")
+@click.option("--queued", default=100_000, show_default=True, help="Of them, items in the review queue.")
+@click.option("--bulk", default=10_000, show_default=True, help="Items per bulk accept.")
+@click.option("--repeats", default=50, show_default=True)
+def bench_review(server_url: str, broker_url: str, results: int, queued: int, bulk: int, repeats: int) -> None:
+    """Review app: queue page server time (p50/p95; keyset vs OFFSET) and bulk accept vs per-decision."""
+    from pipeline.bench import review
+
+    del broker_url  # no broker involved
+    click.echo(json.dumps(review.run(server_url, results=results, queued=queued, bulk=bulk, repeats=repeats), indent=2))
+
+
 @bench.command("writer")
 @click.option(
     "--database-url",
