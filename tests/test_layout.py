@@ -14,7 +14,6 @@ MAX_LINES = 450
 # Files still over the limit, each with the reason it is allowed for now; shrink this, never grow it.
 OVERSIZED = {
     "pipeline/images.py": "intake: safe fetch + decode; its split by subject is left to the intake work",
-    "pipeline/review/app.py": "the review app's routes; its split is left to the review work",
 }
 
 
@@ -56,8 +55,13 @@ def test_the_cli_parses_and_renders_and_leaves_the_database_to_the_library() -> 
 _JOBS_AND_RUNS = re.compile(
     r"\b(FROM|INTO|UPDATE|JOIN)\s+(jobs|runs)\b|\b(jobs|runs)\.c\.|from pipeline\.db import [^\n]*\b(jobs|runs)\b"
 )
-# The ledger owns them; db.py defines them; the backfill benchmark seeds a million synthetic rows.
-_MAY_TOUCH_JOBS_AND_RUNS = ("pipeline/ledger/", "pipeline/db.py", "pipeline/bench/backfill.py")
+# The ledger owns them; db.py defines them; the backfill and review benchmarks seed a million synthetic rows.
+_MAY_TOUCH_JOBS_AND_RUNS = (
+    "pipeline/ledger/",
+    "pipeline/db.py",
+    "pipeline/bench/backfill.py",
+    "pipeline/bench/review.py",
+)
 
 
 def test_only_the_ledger_reads_and_writes_jobs_and_runs() -> None:

@@ -26,9 +26,9 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from pipeline.review import queue
+from pipeline.review import presentation, queue
 from pipeline.review.auth import Credentials, csrf_ok, new_csrf_token
-from pipeline.review.decisions import NOT_VISIBLE, Decision, DecisionRecorder, allowed_values
+from pipeline.review.decisions import Decision, DecisionRecorder
 from pipeline.review.thumbnails import Thumbnails
 from pipeline.writer import notify_payloads
 from schemas.taxonomy import CATEGORY, Taxonomy
@@ -125,46 +125,7 @@ class ReviewApp:
                 conn.execute(sa.select(sa.func.pg_notify(self.notify_channel, payload)))
 
     def label(self, attribute: str, value: str | None, language: str = "en") -> str:
-        if value is None:
-            return ""
-        if value == NOT_VISIBLE:
-            return "not visible" if language == "en" else "看不见"
-        source = self.taxonomy.category_attribute if attribute == CATEGORY else self.taxonomy.attributes.get(attribute)
-        if source is not None:
-            for candidate in source.values:
-                if candidate.id == value:
-                    return candidate.en if language == "en" else candidate.zh
-        return value
-
-    def attribute_label(self, attribute: str) -> tuple[str, str]:
-        if attribute == CATEGORY:
-            return self.taxonomy.category_attribute.en, self.taxonomy.category_attribute.zh
-        found = self.taxonomy.attributes.get(attribute)
-        return (found.en, found.zh) if found else (attribute, attribute)
-
-
-def parse_filter(params: Any) -> queue.QueueFilter:
-    def number(name: str, kind: Callable[[str], Any]) -> Any:
-        raw = params.get(name)
-        if raw in (None, ""):
-            return None
-        try:
-            return kind(raw)
-        except ValueError:
-            return None
-
-    def text(name: str) -> str | None:
-        raw = params.get(name)
-        return str(raw)[:200] if raw else None
-
-    return queue.QueueFilter(
-        run_id=number("run", int),
-        category=text("category"),
-        attribute=text("attribute"),
-        reason=text("reason"),
-        min_confidence=number("min", float),
-        max_confidence=number("max", float),
-    )
+        return presentation.label(self.taxonomy, attribute, value, language)
 
 
 class Pages:
@@ -200,7 +161,7 @@ class Pages:
 
     def queue_page(self, request: Request) -> Response:
         review = self.review
-        flt = parse_filter(request.query_params)
+        flt = presentation.parse_filter(request.query_params)
         after = queue.Cursor.decode(request.query_params.get("after"))
         with review.engine.connect() as conn:
             page = queue.list_page(conn, flt, after)
@@ -216,7 +177,7 @@ class Pages:
 
     def next_item(self, request: Request) -> Response:
         review = self.review
-        flt = parse_filter(request.query_params)
+        flt = presentation.parse_filter(request.query_params)
         after = queue.Cursor.decode(request.query_params.get("after"))
         reviewer = review.reviewer(request) or ""
         with review.engine.begin() as conn:
@@ -228,7 +189,7 @@ class Pages:
     def item_page(self, request: Request) -> Response:
         review = self.review
         sku = request.query_params.get("sku", "")
-        flt = parse_filter(request.query_params)
+        flt = presentation.parse_filter(request.query_params)
         reviewer = review.reviewer(request) or ""
         with review.engine.begin() as conn:
             item = queue.load_item(conn, sku)
@@ -236,7 +197,7 @@ class Pages:
         if item is None:
             return review.render(request, "message.html", status=404, title="Not found",
                                  message=f"No current tags for sku {sku!r}.")  # fmt: skip
-        rows = _attribute_rows(review, item)
+        rows = presentation.attribute_rows(review.taxonomy, item)
         cursor = None
         if item.open_attributes:
             low = min(a.confidence for a in item.attributes if a.task_reason is not None)
@@ -279,8 +240,8 @@ class Pages:
             return JSONResponse({"ok": False, "code": refusal.code, "message": refusal.message}, status)
         with review.engine.connect() as conn:
             item = queue.load_item(conn, sku)
-        return JSONResponse({"ok": True, "review_id": report.review_ids[0],
-                             "attributes": _attribute_rows(review, item) if item else []})  # fmt: skip
+        rows = presentation.attribute_rows(review.taxonomy, item) if item else []
+        return JSONResponse({"ok": True, "review_id": report.review_ids[0], "attributes": rows})
 
     async def undo(self, request: Request) -> Response:
         review = self.review
@@ -298,7 +259,7 @@ class Pages:
 
     def grid_page(self, request: Request) -> Response:
         review = self.review
-        flt = parse_filter(request.query_params)
+        flt = presentation.parse_filter(request.query_params)
         after = queue.Cursor.decode(request.query_params.get("after"))
         with review.engine.connect() as conn:
             page = queue.list_page(conn, flt, after, limit=48)
@@ -318,7 +279,7 @@ class Pages:
         if isinstance(data, Response):
             return data
         reviewer = review.reviewer(request) or ""
-        flt = parse_filter(data)
+        flt = presentation.parse_filter(data)
         now = datetime.now(UTC)
         try:
             expected = int(str(data.get("expected")))
@@ -417,42 +378,3 @@ def build_app(review: ReviewApp, session_secret: str | None = None) -> Starlette
 
 def _back_to_grid(flt: queue.QueueFilter, message: str) -> Response:
     return RedirectResponse(f"/grid?{urlencode({**flt.as_params(), 'message': message})}", 303)
-
-
-def _choice(review: ReviewApp, attribute: str, value: str) -> dict[str, str]:
-    return {"id": value, "en": review.label(attribute, value), "zh": review.label(attribute, value, "zh")}
-
-
-def _attribute_rows(review: ReviewApp, item: queue.ItemView) -> list[dict[str, Any]]:
-    """Every attribute of item as the page shows it: labels, confidence, choices for the number keys.
-    A blind audit task hides the model's answer (value, confidence, runner-up)."""
-    rows = []
-    order = {name: index for index, name in enumerate([CATEGORY, *review.taxonomy.attributes])}
-    for attribute in sorted(item.attributes, key=lambda a: (order.get(a.name, 999), a.name)):
-        allowed = allowed_values(review.taxonomy, item.category, attribute.name) or frozenset({attribute.value})
-        source = (
-            review.taxonomy.category_attribute
-            if attribute.name == CATEGORY
-            else review.taxonomy.attributes.get(attribute.name)
-        )
-        ordered = [v.id for v in source.values if v.id in allowed] if source else sorted(allowed)
-        blind = attribute.blind and attribute.decided_value is None
-        en, zh = review.attribute_label(attribute.name)
-        rows.append(
-            {
-                "name": attribute.name, "label_en": en, "label_zh": zh, "open": attribute.task_reason is not None,
-                "reason": attribute.task_reason, "blind": blind,
-                "value": None if blind else attribute.value,
-                "value_en": None if blind else review.label(attribute.name, attribute.value),
-                "value_zh": None if blind else review.label(attribute.name, attribute.value, "zh"),
-                "confidence": None if blind else round(attribute.confidence, 4),
-                "runner_up": None if blind else attribute.runner_up,
-                "runner_up_en": None if blind else review.label(attribute.name, attribute.runner_up),
-                "runner_up_confidence": None if blind or attribute.runner_up_confidence is None
-                else round(attribute.runner_up_confidence, 4),
-                "decided": attribute.decided_value, "decided_by": attribute.decided_by,
-                "decided_en": review.label(attribute.name, attribute.decided_value),
-                "choices": [_choice(review, attribute.name, value) for value in ordered],
-            }
-        )  # fmt: skip
-    return rows
