@@ -9,10 +9,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
+from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
@@ -45,9 +47,13 @@ class RowError:
         return f"line {self.line}: {self.reason}"
 
 
-def read_catalog(source: TextIO, name: str = "-") -> Iterator[tuple[int, CatalogRow | RowError]]:
+def read_catalog(
+    source: TextIO, name: str = "-", base_dir: Path | None = None
+) -> Iterator[tuple[int, CatalogRow | RowError]]:
     """(line number, row or error) for each data row; JSONL when the name ends in .jsonl/.ndjson or
-    the first character is '{', CSV otherwise."""
+    the first character is '{', CSV otherwise. With base_dir, a relative image path becomes an
+    absolute one under it: stored that way, it means the same file to every worker, whatever its
+    working directory (pass catalog_folder(name): the catalog's own folder)."""
     if isinstance(source, io.TextIOWrapper):
         # Bytes that are not UTF-8 become lone surrogates (U+DC80..U+DCFF) instead of ending the
         # read: the row that holds them is then a bad row with its line number (see _field).
@@ -56,9 +62,30 @@ def read_catalog(source: TextIO, name: str = "-") -> Iterator[tuple[int, Catalog
     if not first:
         return
     if name.endswith((".jsonl", ".ndjson")) or first == "{":
-        yield from _jsonl(_prepend(first, source))
+        rows = _jsonl(_prepend(first, source))
     else:
-        yield from _csv(_prepend(first, source), name)
+        rows = _csv(_prepend(first, source), name)
+    if base_dir is None:
+        yield from rows
+        return
+    for number, row in rows:
+        yield number, absolute_image_path(row, base_dir) if isinstance(row, CatalogRow) else row
+
+
+def catalog_folder(name: str) -> Path:
+    """Where a catalog's relative image paths point: the file's folder (stdin: the working directory)."""
+    if name in {"-", "<stdin>"}:
+        return Path.cwd()
+    return Path(name).resolve().parent
+
+
+def absolute_image_path(row: CatalogRow, base_dir: Path) -> CatalogRow:
+    """row with a relative local image path made absolute under base_dir (lexically: the intake
+    still resolves symlinks and checks the image roots when it reads the file)."""
+    uri = row.image_uri
+    if urlsplit(uri).scheme or Path(uri).is_absolute():
+        return row
+    return replace(row, image_uri=os.path.normpath(base_dir.absolute() / uri))
 
 
 def _prepend(first: str, source: TextIO) -> Iterator[str]:

@@ -185,8 +185,8 @@ def run_catalog(
 
 
 def settings_for_resume(settings: Settings, run_id: int) -> Settings | None:
-    """Settings with the image roots the run started with, so relative paths resolve the same;
-    None when there is no such run."""
+    """Settings with the image roots the run started with added, so its paths are allowed the
+    same; None when there is no such run."""
     database = open_database(settings.database_url, create_if_embedded=True)
     try:
         with translated_errors("reading the run"), database.connect() as conn:
@@ -196,7 +196,7 @@ def settings_for_resume(settings: Settings, run_id: int) -> Settings | None:
     if config is None:
         return None
     roots = config.get("image_roots")
-    return settings.model_copy(update={"image_roots": [Path(root) for root in roots]}) if roots else settings
+    return settings.with_image_roots(*(Path(root) for root in roots or ()))
 
 
 def tag_image(settings: Settings, image_uri: str) -> tuple[TagResult, BatchStats | None]:

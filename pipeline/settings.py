@@ -228,6 +228,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"threshold for {name!r} must be within [0, 1]")
         return value
 
+    def with_image_roots(self, *extra: Path) -> Settings:
+        """These settings with more image roots: SKUTAG_IMAGE_ROOTS stays, the extra ones are added
+        (a catalog's folder, --image-root), each once."""
+        roots = list(self.image_roots)
+        known = {root.resolve() for root in roots}
+        for root in extra:
+            if root.resolve() not in known:
+                roots.append(root)
+                known.add(root.resolve())
+        return self.model_copy(update={"image_roots": roots})
+
     def threshold_for(self, attribute: str) -> float:
         return self.attribute_thresholds.get(attribute, self.confidence_threshold)
 

@@ -77,7 +77,7 @@ def backfill(
     from datetime import timedelta
 
     from pipeline.backfill import BackfillOptions, DryRun, catalog_refresh, run_backfill
-    from pipeline.catalog import read_catalog
+    from pipeline.catalog import catalog_folder, read_catalog
     from pipeline.metrics import BackfillMetrics, push, serve
     from schemas.taxonomy import load_taxonomy
     from workers.app import CeleryPublisher, create_app
@@ -86,7 +86,9 @@ def backfill(
     log_to_stderr("backfill", settings)
     database = open_database(settings)
     bad_rows: list[Any] = []
-    refresh = catalog_refresh(settings, read_catalog(catalog, catalog.name) if catalog else None, bad_rows)
+    refresh = catalog_refresh(
+        settings, read_catalog(catalog, catalog.name, catalog_folder(catalog.name)) if catalog else None, bad_rows
+    )
     options = BackfillOptions(
         dry_run=dry_run, check_content=check_content, wait=not no_wait,
         max_age=timedelta(days=max_age_days) if max_age_days else None,

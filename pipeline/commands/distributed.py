@@ -29,7 +29,7 @@ def submit(ctx: click.Context, catalog: Any, no_cache: bool) -> None:
     """Queue CATALOG for the GPU workers: a CSV or JSONL file (or - for stdin) with columns sku,
     image_uri and optionally title, category_hint. Bad rows are reported with their line numbers;
     the good rows go ahead. Follow the run with `skutag status RUN`."""
-    from pipeline.catalog import read_catalog
+    from pipeline.catalog import catalog_folder, read_catalog
     from pipeline.producer import submit_catalog
     from pipeline.secrets import mask_secrets
     from schemas.taxonomy import load_taxonomy
@@ -38,10 +38,9 @@ def submit(ctx: click.Context, catalog: Any, no_cache: bool) -> None:
     settings = settings_from(ctx)
     database = open_database(settings)
     publisher = CeleryPublisher(create_app(settings), settings)
-    report = submit_catalog(
-        read_catalog(catalog, catalog.name), database, settings, load_taxonomy(settings.taxonomy_path), publisher,
-        use_cache=not no_cache,
-    )  # fmt: skip
+    rows = read_catalog(catalog, catalog.name, catalog_folder(catalog.name))
+    taxonomy = load_taxonomy(settings.taxonomy_path)
+    report = submit_catalog(rows, database, settings, taxonomy, publisher, use_cache=not no_cache)
     report_bad_rows(report.bad_rows)
     rate = report.accepted / report.seconds if report.seconds else 0.0
     click.echo(

@@ -20,7 +20,8 @@ from pipeline.settings import Settings, load_settings
 @click.argument("catalog", type=click.File("r", encoding="utf-8-sig"), required=False)
 @click.option("--resume", "resume_run", type=int, help="Finish the open jobs of an earlier local run.")
 @click.option("--image-root", "image_roots", multiple=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Where local image paths may point (default: the catalog's directory).")  # fmt: skip
+              help="Another folder local image paths may point into, besides SKUTAG_IMAGE_ROOTS and the "
+                   "catalog's folder (repeatable).")  # fmt: skip
 @click.option("--no-cache", is_flag=True, help=NO_CACHE_HELP)
 @model_options
 @click.pass_context
@@ -36,15 +37,15 @@ def run_command(
     """Tag CATALOG in this process: the same stages as the workers, with no Redis. The embedded
     default is SQLite and the configured model; with SKUTAG_DATABASE_URL and a GPU it is a
     one-machine production run. Exit code: 0 done, 4 partly failed, 5 all failed."""
+    from pipeline.catalog import catalog_folder
     from pipeline.local import settings_for_resume
 
     if catalog is None and resume_run is None:
         raise click.UsageError("give a CATALOG file, or --resume RUN")
-    roots = list(image_roots) or (
-        [Path(catalog.name).resolve().parent] if catalog and catalog.name != "<stdin>" else None
-    )
-    settings = settings_from(ctx, image_roots=roots, **overrides)
-    if resume_run is not None and not image_roots:
+    settings = settings_from(ctx, **overrides).with_image_roots(*image_roots)
+    if catalog is not None:
+        settings = settings.with_image_roots(catalog_folder(catalog.name))
+    if resume_run is not None:
         resumed = settings_for_resume(settings, resume_run)
         if resumed is None:
             raise click.BadParameter(f"there is no run {resume_run}", param_hint="--resume")
@@ -87,10 +88,10 @@ def run_local(
     settings: Settings, catalog: Any, resume_run: int | None, console: Console, use_cache: bool = True
 ) -> ExitCode:
     """Run (or resume) a local run with a progress bar; the exit code of how it ended."""
-    from pipeline.catalog import read_catalog
+    from pipeline.catalog import catalog_folder, read_catalog
     from pipeline.local import run_catalog
 
-    rows = read_catalog(catalog, catalog.name) if resume_run is None else None
+    rows = read_catalog(catalog, catalog.name, catalog_folder(catalog.name)) if resume_run is None else None
     run = run_catalog(settings, rows, resume_run, _ProgressView(settings, console), use_cache)
     rate = run.report.handled / run.report.seconds if run.report.seconds else 0.0
     console.print(

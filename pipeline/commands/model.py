@@ -51,9 +51,7 @@ def tag_image(ctx: click.Context, /, image_uri: str, **overrides: Any) -> None:
 
     settings = settings_from(ctx, **overrides)
     if "://" not in image_uri:  # a file named on the command line is trusted, wherever it is
-        settings = settings.model_copy(
-            update={"image_roots": [*settings.image_roots, Path(image_uri).resolve().parent]}
-        )
+        settings = settings.with_image_roots(Path(image_uri).resolve().parent)
     result, stats = tag_one(settings, image_uri)
     document = result.model_dump(mode="json", exclude={"job_id"})
     document["batch"] = stats.as_dict() if stats else None
