@@ -10,7 +10,7 @@ TORCH_INDEX   ?=
 PYTEST_ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-writer bench-intake bench-submit bench-pipeline bench-backfill bench-gpu clean
+.PHONY: help install demo test test-fast lint format bench bench-writer bench-intake bench-submit bench-pipeline bench-backfill bench-gpu bench-memory clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ bench-backfill: install ## backfill planning / enqueue / memory on synthetic cat
 
 bench-pipeline: install ## Redis + Celery + Postgres end to end vs a plain in-process loop
 	$(SKUTAG) bench pipeline
+
+bench-memory: install ## peak RSS of `skutag run` on 1,000 large images vs 1,000 small ones
+	$(SKUTAG) bench memory
 
 bench-gpu: install ## the real Qwen3-VL-8B architecture, random weights: int8 / nf4 / bf16 vs the article's way
 	$(SKUTAG) bench gpu

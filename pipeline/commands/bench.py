@@ -102,6 +102,22 @@ def bench_backfill(server_url: str, broker_url: str, sizes: str) -> None:
     click.echo(json.dumps(summary))
 
 
+@bench.command("memory")
+@click.option("--images", default=1000, show_default=True, help="Images in each catalog.")
+@click.option(
+    "--large-side", default=4000, show_default=True, help="Side of the large PNGs (small files, many pixels)."
+)
+@click.option("--small-side", default=256, show_default=True, help="Side of the baseline's PNGs.")
+def bench_memory(images: int, large_side: int, small_side: int) -> None:
+    """Peak RSS of `skutag run` on large images vs the same run on small ones (goal: flat, < 1 GB)."""
+    from dataclasses import asdict
+
+    from pipeline.bench import memory
+
+    runs = memory.run(images=images, large_side=large_side, small_side=small_side)
+    click.echo(json.dumps([asdict(item) for item in runs]))
+
+
 @bench.command("listing")
 @click.option("--cases", default=2000, show_default=True, help="Generated titles, half English, half Chinese.")
 @click.option("--seed", default=0, show_default=True)
