@@ -11,7 +11,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -36,6 +36,10 @@ SCHEMES = {"", "http", "https", "file"} | OBJECT_STORE_SCHEMES
 # Undecodable bytes (read with surrogateescape) and JSON's "\ud800" escapes: no database or
 # encoder downstream accepts them, so they are caught here, per row.
 _SURROGATES = re.compile("[\ud800-\udfff]")
+# Far above any real row (its known fields are capped at ~5,600 characters); bounds the memory
+# one line of a hostile or broken file can take.
+MAX_LINE_CHARS = 1 << 20
+TEXT_FIELDS_WITH_TABS = frozenset({"title", "category_hint"})  # free text: a tab is whitespace
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,9 @@ def read_catalog(
     if not first:
         return
     if name.endswith((".jsonl", ".ndjson")) or first == "{":
-        rows = _jsonl(_prepend(first, source))
+        rows = _jsonl(BoundedLines(first, source))
     else:
-        rows = _csv(_prepend(first, source), name)
+        rows = _csv(BoundedLines(first, source), name)
     if base_dir is None:
         yield from rows
         return
@@ -88,15 +92,53 @@ def absolute_image_path(row: CatalogRow, base_dir: Path) -> CatalogRow:
     return replace(row, image_uri=os.path.normpath(base_dir.absolute() / uri))
 
 
-def _prepend(first: str, source: TextIO) -> Iterator[str]:
-    lines = iter(source)
-    head = next(lines, "")
-    yield first + head
-    yield from lines
+class LineTooLongError(Exception):
+    def __init__(self, number: int) -> None:
+        super().__init__(f"longer than {MAX_LINE_CHARS:,} characters")
+        self.number = number
 
 
-def _jsonl(lines: Iterable[str]) -> Iterator[tuple[int, CatalogRow | RowError]]:
-    for number, line in enumerate(lines, start=1):
+class BoundedLines:
+    """The source's lines, none held longer than MAX_LINE_CHARS: an over-long line is skipped in
+    bounded chunks and raises LineTooLongError once (the iterator goes on with the next line), so a
+    50 MB line costs no more memory than a normal one. number is the last line's number."""
+
+    def __init__(self, first: str, source: TextIO, limit: int = MAX_LINE_CHARS) -> None:
+        self.pending, self.source, self.limit, self.number = first, source, limit, 0
+
+    def __iter__(self) -> BoundedLines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.pending + self.source.readline(self.limit + 1 - len(self.pending))
+        self.pending = ""
+        if not line:
+            raise StopIteration
+        self.number += 1
+        if len(line) > self.limit and not line.endswith("\n"):
+            while (rest := self.source.readline(self.limit)) and not rest.endswith("\n"):
+                pass
+            raise LineTooLongError(self.number)
+        return line
+
+
+def _numbered(lines: BoundedLines) -> Iterator[tuple[int, str | RowError]]:
+    while True:
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except LineTooLongError as exc:
+            yield exc.number, RowError(exc.number, f"the line is {exc}")
+            continue
+        yield lines.number, line
+
+
+def _jsonl(lines: BoundedLines) -> Iterator[tuple[int, CatalogRow | RowError]]:
+    for number, line in _numbered(lines):
+        if isinstance(line, RowError):
+            yield number, line
+            continue
         if not line.strip():
             continue
         try:
@@ -110,33 +152,46 @@ def _jsonl(lines: Iterable[str]) -> Iterator[tuple[int, CatalogRow | RowError]]:
         yield number, validate(number, {ALIASES.get(str(k).strip().lower(), str(k)): v for k, v in record.items()})
 
 
-def _csv(lines: Iterable[str], name: str) -> Iterator[tuple[int, CatalogRow | RowError]]:
+def _csv(lines: BoundedLines, name: str) -> Iterator[tuple[int, CatalogRow | RowError]]:
     reader = csv.reader(lines)
     try:
         header = next(reader, None)
     except csv.Error as exc:
         raise InputError(f"{name}: the header line is not valid CSV: {exc}") from exc
+    except LineTooLongError as exc:
+        raise InputError(f"{name}: line 1 is {exc}: that is not a catalog header (sku,image_uri,...)") from exc
     if header is None:
         return
     columns = [ALIASES.get(column.strip().lower().lstrip("\ufeff")) for column in header]
     missing = {"sku", "image_uri"} - set(columns)
     if missing:
         raise InputError(f"{name}: the header needs {' and '.join(sorted(missing))} columns (got {', '.join(header)})")
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:  # a field over csv.field_size_limit(), a NUL byte: this row only
-            yield reader.line_num, RowError(reader.line_num, f"not valid CSV: {exc}")
+    for number, row in _rows(reader, lines):
+        if isinstance(row, RowError):
+            yield number, row
             continue
-        number = reader.line_num
         if not any(cell.strip() for cell in row):
             continue
         if len(row) > len(columns):
             yield number, RowError(number, f"{len(row)} fields, the header has {len(columns)}")
             continue
         yield number, validate(number, {column: value for column, value in zip(columns, row, strict=False) if column})
+
+
+def _rows(reader: Iterator[list[str]], lines: BoundedLines) -> Iterator[tuple[int, list[str] | RowError]]:
+    """The CSV records with the number of their last physical line; an over-long line is a bad row."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except LineTooLongError as exc:
+            yield exc.number, RowError(exc.number, f"the line is {exc}")
+            continue
+        except csv.Error as exc:  # a field over csv.field_size_limit(), a NUL byte: this row only
+            yield lines.number, RowError(lines.number, f"not valid CSV: {exc}")
+            continue
+        yield lines.number, row
 
 
 def validate(number: int, record: dict[str, Any]) -> CatalogRow | RowError:
@@ -159,14 +214,15 @@ def validate(number: int, record: dict[str, Any]) -> CatalogRow | RowError:
 
 def _field(field: str, raw: object) -> tuple[str | None, str | None]:
     """(the cleaned value or None, the problem or None)."""
-    if raw is not None and not isinstance(raw, str | int):
+    if isinstance(raw, bool) or (raw is not None and not isinstance(raw, str | int)):  # JSON true is no sku
         return None, f"{field} must be text"
     text = str(raw).strip() if raw is not None else ""
     if _SURROGATES.search(text):
         return None, f"{field} is not valid UTF-8 text (undecodable bytes or a lone surrogate)"
     if len(text) > LIMITS[field]:
         return None, f"{field} is longer than {LIMITS[field]} characters"
-    if any(ord(char) < 32 for char in text):
+    allowed = "\t" if field in TEXT_FIELDS_WITH_TABS else ""
+    if any(ord(char) < 32 and char not in allowed for char in text):
         return None, f"{field} contains control characters"
     return text or None, None
 

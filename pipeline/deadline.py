@@ -105,7 +105,7 @@ def deadline_client(proxy: str | None = None) -> httpx.Client:
     proxy, and the request still names the checked address) and no automatic redirects (each hop
     is checked)."""
     transport = httpx.HTTPTransport(trust_env=False, proxy=proxy)
-    pool = transport._pool  # httpx builds its pool privately; tests/test_fetch_deadline.py guards this
+    pool = transport._pool  # httpx builds its pool privately; tests/test_fetch_safety.py guards this
     pool._network_backend = DeadlineBackend(pool._network_backend)
     return httpx.Client(transport=transport, trust_env=False, follow_redirects=False)
 
