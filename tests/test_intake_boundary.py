@@ -328,3 +328,12 @@ def test_local_mode_logs_an_unexpected_error_to_its_log_file_not_the_terminal(
     assert "Traceback" not in result.output and "KeyError" not in result.output
     log_text = (work / "skutag.log").read_text()
     assert log_text.count("Traceback") == 1 and "job 1 sku 'SKU-A'" in log_text
+
+
+def test_the_readme_lists_every_error_code() -> None:
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("### Error codes", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.MULTILINE))
+    assert listed == {code.value for code in ErrorCode}
