@@ -252,7 +252,7 @@ def test_local_mode_finishes_with_the_poisoned_items_failed_and_no_traceback(
     import csv
 
     rows = poisoned_catalog(root, odd_server, good=4)
-    catalog = tmp_path / "catalog.csv"
+    catalog = root / "catalog.csv"  # relative image paths are read from the catalog's folder
     with catalog.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["sku", "image_uri"])
