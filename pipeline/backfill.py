@@ -324,16 +324,26 @@ def catalog_refresh(
 
 def refresh_from_rows(rows: Iterator[tuple[int, Any]], bad_rows: list[Any], chunk: int = 20_000) -> CatalogRefresh:
     """A catalog refresh from parsed file rows (pipeline.catalog.read_catalog), streamed in chunks."""
-    from pipeline.catalog import RowError, chunks
+    from pipeline.catalog import Deduplicator, RowError, chunks
+    from pipeline.sku_images import catalog_images, record_images
+
+    deduplicator = Deduplicator()
 
     def refresh(conn: Connection) -> int:
         count = 0
         for part in chunks(rows, chunk):
-            good = [row for _, row in part if not isinstance(row, RowError)]
-            bad_rows.extend(row for _, row in part if isinstance(row, RowError))
-            ledger.upsert_items(conn, good)
+            good: list[tuple[ledger.CatalogRow, int]] = []
+            for number, row in part:
+                checked = row if isinstance(row, RowError) else deduplicator.check(number, row)
+                if isinstance(checked, RowError):
+                    bad_rows.append(checked)
+                else:
+                    good.append((checked, deduplicator.position(checked)))
+            firsts = [row for row, position in good if position == 0]  # a sku's first image is its item
+            ledger.upsert_items(conn, firsts)
+            record_images(conn, [row.sku for row in firsts], catalog_images(good, deduplicator), ledger.utcnow())
             conn.commit()
-            count += len(good)
+            count += len(firsts)
         return count
 
     return refresh

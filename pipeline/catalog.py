@@ -1,4 +1,8 @@
-"""Catalog files: CSV or JSONL rows of sku, image_uri, optional title and category hint.
+"""Catalog files: CSV or JSONL rows of sku, image_uri, optional title, category hint and view.
+
+A SKU with several images (front, back, detail) has one row per image, the first one's title and
+category hint being the SKU's; a JSONL record may instead list them in `image_uris`, as strings
+or {"uri": ..., "view": ...} objects.
 
 Read as a stream (a catalog of millions never sits in memory). A bad row is reported with its line
 number and the reason, and the good rows go ahead.
@@ -30,8 +34,13 @@ ALIASES = {
     "title": "title",
     "category_hint": "category_hint",
     "category": "category_hint",
+    "view": "view",
+    "image_uris": "image_uris",
+    "image_urls": "image_uris",
+    "images": "image_uris",
 }
-LIMITS = {"sku": 256, "image_uri": 4096, "title": 1000, "category_hint": 200}
+LIMITS = {"sku": 256, "image_uri": 4096, "title": 1000, "category_hint": 200, "view": 64}
+MAX_IMAGES = 50  # per JSONL record
 SCHEMES = {"", "http", "https", "file"} | OBJECT_STORE_SCHEMES
 # Undecodable bytes (read with surrogateescape) and JSON's "\ud800" escapes: no database or
 # encoder downstream accepts them, so they are caught here, per row.
@@ -149,7 +158,29 @@ def _jsonl(lines: BoundedLines) -> Iterator[tuple[int, CatalogRow | RowError]]:
         if not isinstance(record, dict):
             yield number, RowError(number, "not a JSON object")
             continue
-        yield number, validate(number, {ALIASES.get(str(k).strip().lower(), str(k)): v for k, v in record.items()})
+        named = {ALIASES.get(str(k).strip().lower(), str(k)): v for k, v in record.items()}
+        for row in _image_records(number, named):
+            yield number, row if isinstance(row, RowError) else validate(number, row)
+
+
+def _image_records(number: int, record: dict[str, Any]) -> Iterator[dict[str, Any] | RowError]:
+    """The record itself, or one record per entry of its image_uris list."""
+    images = record.pop("image_uris", None)
+    if images is None:
+        yield record
+        return
+    if record.get("image_uri") is not None:
+        yield RowError(number, "give image_uri or image_uris, not both")
+        return
+    if not isinstance(images, list) or not images or len(images) > MAX_IMAGES:
+        yield RowError(number, f"image_uris must be a list of 1 to {MAX_IMAGES} URIs or {{uri, view}} objects")
+        return
+    for entry in images:
+        if isinstance(entry, dict):
+            uri = entry.get("uri", entry.get("image_uri"))
+            yield {**record, "image_uri": uri, "view": entry.get("view")}
+        else:
+            yield {**record, "image_uri": entry}
 
 
 def _csv(lines: BoundedLines, name: str) -> Iterator[tuple[int, CatalogRow | RowError]]:
@@ -196,7 +227,7 @@ def _rows(reader: Iterator[list[str]], lines: BoundedLines) -> Iterator[tuple[in
 
 def validate(number: int, record: dict[str, Any]) -> CatalogRow | RowError:
     values: dict[str, str | None] = {}
-    for field in ("sku", "image_uri", "title", "category_hint"):
+    for field in ("sku", "image_uri", "title", "category_hint", "view"):
         text, problem = _field(field, record.get(field))
         if problem:
             return RowError(number, problem)
@@ -209,6 +240,7 @@ def validate(number: int, record: dict[str, Any]) -> CatalogRow | RowError:
         image_uri=str(values["image_uri"]),
         title=values["title"],
         category_hint=values["category_hint"],
+        view=values["view"].lower() if values["view"] else None,
     )
 
 
@@ -251,15 +283,37 @@ def chunks(
 
 @dataclass
 class Deduplicator:
-    """The first row for a sku wins; later ones are reported as bad rows pointing at it."""
+    """A sku's rows are its images, in file order. The same image listed twice for a sku is
+    reported as a bad row pointing at the first. Keeps one small entry per sku (the first line and
+    image), plus the images of skus that have several."""
 
-    seen: dict[str, int]
+    seen: dict[str, tuple[int, str, str | None]]  # sku -> (first line, first image, its view)
+    extra: dict[str, dict[str, int]]  # sku -> {image uri: line}, for skus with several images
 
     def __init__(self) -> None:
         self.seen = {}
+        self.extra = {}
 
     def check(self, number: int, row: CatalogRow) -> CatalogRow | RowError:
-        first = self.seen.setdefault(row.sku, number)
-        if first != number:
-            return RowError(number, f"sku {row.sku!r} already on line {first}")
+        first = self.seen.setdefault(row.sku, (number, row.image_uri, row.view))
+        if first[0] == number and first[1] == row.image_uri:
+            return row
+        if row.image_uri == first[1]:
+            return RowError(number, f"sku {row.sku!r} already has image {row.image_uri!r} on line {first[0]}")
+        images = self.extra.setdefault(row.sku, {})
+        if row.image_uri in images:
+            return RowError(
+                number, f"sku {row.sku!r} already has image {row.image_uri!r} on line {images[row.image_uri]}"
+            )
+        images[row.image_uri] = number
         return row
+
+    def position(self, row: CatalogRow) -> int:
+        """0 for a sku's first image, then 1, 2, ... in file order (after check accepted the row)."""
+        if self.seen[row.sku][1] == row.image_uri:
+            return 0
+        return list(self.extra[row.sku]).index(row.image_uri) + 1
+
+    def first_image(self, sku: str) -> tuple[str, str | None]:
+        _, uri, view = self.seen[sku]
+        return uri, view

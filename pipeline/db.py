@@ -17,6 +17,8 @@ Tables, in the order a job flows through them:
     review_items       grouped per sku, with a short claim so two reviewers never share one
     taxonomy_values  labels and synonyms of every value, per taxonomy version, for consumers
     listing_mismatches  where a listing's title or category hint contradicts a confident tag
+    item_images      the images of a sku with several (view, position); single-image skus have none
+    tag_sources      for those skus: what each image said per attribute, and which one the merge chose
 The views sku_tags_current, sku_tags_json and listing_issues (see migrations/) are the consumer contract.
 """
 
@@ -113,7 +115,7 @@ jobs = sa.Table(
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("updated_at", Timestamp, nullable=False),
     sa.Column("finished_at", Timestamp),
-    sa.UniqueConstraint("run_id", "sku"),
+    sa.UniqueConstraint("run_id", "sku", "image_uri"),  # one job per image of a sku in a run
     sa.CheckConstraint(_one_of("state", JOB_STATES), name="state"),
     sa.Index("ix_jobs_run_id_state", "run_id", "state"),
     sa.Index("ix_jobs_sku_id", "sku", "id"),
@@ -307,6 +309,33 @@ taxonomy_values = sa.Table(
     sa.Column("synonyms", Json, nullable=False),
 )
 
+
+item_images = sa.Table(
+    "item_images",
+    metadata,
+    sa.Column("sku", sa.Text, primary_key=True),
+    sa.Column("image_uri", sa.Text, primary_key=True),
+    sa.Column("view", sa.Text, doc="front, back, detail, ... as the catalog names it (lower case)"),
+    sa.Column("position", sa.Integer, nullable=False, doc="0 is the sku's first image, items.image_uri"),
+    sa.Column("updated_at", Timestamp, nullable=False),
+)
+
+tag_sources = sa.Table(
+    "tag_sources",
+    metadata,
+    sa.Column("sku", sa.Text, primary_key=True),
+    sa.Column("attribute", sa.Text, primary_key=True),
+    sa.Column("image_uri", sa.Text, primary_key=True),
+    sa.Column("view", sa.Text),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("confidence", sa.Float, nullable=False),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("job_id", BigId, nullable=False),
+    sa.Column("image_sha256", sa.Text),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    sa.CheckConstraint(_one_of("role", ("chosen", "agrees", "conflict", "outranked", "not_preferred")), name="role"),
+)
 
 listing_mismatches = sa.Table(
     "listing_mismatches",

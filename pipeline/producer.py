@@ -21,6 +21,7 @@ from pipeline.db import translated_errors
 from pipeline.errors import RetryableError, SkutagError
 from pipeline.prompts import build_prompt
 from pipeline.settings import Settings
+from pipeline.sku_images import catalog_images, record_images
 from pipeline.worker import JobPublisher
 from schemas.results import JobSpec
 from schemas.taxonomy import Taxonomy
@@ -94,14 +95,14 @@ def _record_rows(
 ) -> None:
     deduplicator = Deduplicator()
     for chunk in chunks(rows, CHUNK_ROWS):
-        good: list[ledger.CatalogRow] = []
+        good: list[tuple[ledger.CatalogRow, int]] = []  # (row, its position among the sku's images)
         for number, row in chunk:
             checked = row if isinstance(row, RowError) else deduplicator.check(number, row)
             if isinstance(checked, RowError):
                 report.bad_rows.append(checked)
             else:
-                good.append(checked)
-        specs = _record(database, report.run_id, good, queue)
+                good.append((checked, deduplicator.position(checked)))
+        specs = _record(database, report.run_id, good, deduplicator, queue)
         report.accepted += len(specs)
         if publisher is not None and report.publish_error is None:
             _publish(database, publisher, specs, queue, report)
@@ -130,10 +131,15 @@ def _seal_aborted(database: Engine, report: SubmitReport, exc: BaseException) ->
     exc.add_note(said)
 
 
-def _record(database: Engine, run_id: int, rows: Sequence[ledger.CatalogRow], queue: str) -> list[JobSpec]:
+def _record(
+    database: Engine, run_id: int, rows: Sequence[tuple[ledger.CatalogRow, int]], deduplicator: Deduplicator, queue: str
+) -> list[JobSpec]:
+    """Items from each sku's first row, the images of skus with several, one job per image."""
+    firsts = [row for row, position in rows if position == 0]
     with translated_errors("recording jobs"), database.begin() as conn:
-        ledger.upsert_items(conn, rows)
-        return ledger.add_jobs(conn, run_id, [(row.sku, row.image_uri) for row in rows], queue=queue)
+        ledger.upsert_items(conn, firsts)
+        record_images(conn, [row.sku for row in firsts], catalog_images(rows, deduplicator), ledger.utcnow())
+        return ledger.add_jobs(conn, run_id, [(row.sku, row.image_uri) for row, _ in rows], queue=queue)
 
 
 def _publish(database: Engine, publisher: JobPublisher, specs: list[JobSpec], queue: str, report: SubmitReport) -> None:

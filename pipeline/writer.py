@@ -27,10 +27,11 @@ from pipeline import ledger
 from pipeline.db import COPY_NULL, copy_field, copy_rows, insert_for, taxonomy_values, translated_errors
 from pipeline.errors import InputError, RetryableError
 from pipeline.listing import ListingChecker
-from pipeline.listing_store import open_listing_tasks, record_listing_issues
+from pipeline.merge import TagMerger
 from pipeline.review import tasks as review_tasks
 from pipeline.review import thresholds as review_thresholds
 from pipeline.routing import Thresholds, routed
+from pipeline.sku_images import merge_and_check_listings, open_conflict_tasks
 from schemas.results import ErrorCode, ItemError, JobSpec, TagResult, failed_result
 from schemas.taxonomy import CATEGORY, Taxonomy
 
@@ -261,8 +262,8 @@ class ResultWriter:
     ) -> None:
         self.engine = engine
         self.taxonomy = taxonomy
-        # Listing checks run on by default; a checker with other settings comes from the caller.
         self.listing = listing if listing is not None else ListingChecker(taxonomy)
+        self.merger = TagMerger(taxonomy)
         # Review routing is decided here, at write time, from the thresholds in force (these, and those
         # `skutag eval --write` stored): whatever status a worker or the cache handed over.
         self.thresholds_in_force = review_thresholds.ThresholdsInForce(engine, thresholds or Thresholds())
@@ -295,13 +296,12 @@ class ResultWriter:
             won = self._capture(conn, upsert.bindparams(_NOW), "stage_won", ("sku", "job_id", "replaced"))
             conn.execute(_DELETE_REPLACED_TAGS)
             tag_rows = conn.execute(_INSERT_TAGS, {"now": _utcnow()}).rowcount
-            by_job = {result.job_id: result for result in batch}
-            record_listing_issues(conn, self.listing, [by_job[row[1]] for row in won], _utcnow())
-            open_listing_tasks(conn, _utcnow())
+            merged = merge_and_check_listings(conn, self.merger, self.listing, batch, new_results, won, _utcnow())
             review_tasks.open_review_tasks(conn, _utcnow())
+            open_conflict_tasks(conn, merged, _utcnow())
             conn.execute(_FINISH_JOBS, {"now": _utcnow()})
             conn.execute(_FINISH_RUNS, {"now": _utcnow()})
-            self._notify(conn, [str(row[0]) for row in won])
+            self._notify(conn, sorted({str(row[0]) for row in won} | set(merged)))
         return WriteReport(
             results=len(batch),
             new_results=len(new_results),

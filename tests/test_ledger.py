@@ -145,13 +145,15 @@ def test_submit_records_then_publishes_in_chunks(pg_engine: Engine, taxonomy: Ta
     from workers.app import QUEUE_NEW, CeleryPublisher, create_app
 
     settings = load_settings(broker_url=redis_url, batch_size=32)
-    lines = (
-        ["sku,image_uri"] + [f"P-{i},https://img.example.com/{i}.jpg" for i in range(100)] + ["P-5,dup.jpg", ",x.jpg"]
-    )
+    lines = ["sku,image_uri"] + [f"P-{i},https://img.example.com/{i}.jpg" for i in range(100)]
+    lines += ["P-5,https://img.example.com/5.jpg", ",x.jpg"]  # the same image twice; no sku
     publisher = CeleryPublisher(create_app(settings), settings)
     report = submit_catalog(read_catalog(io.StringIO("\n".join(lines))), pg_engine, settings, taxonomy, publisher)
     assert (report.accepted, report.published) == (100, 100)
-    assert [str(b) for b in report.bad_rows] == ["line 102: sku 'P-5' already on line 7", "line 103: sku is empty"]
+    assert [str(b) for b in report.bad_rows] == [
+        "line 102: sku 'P-5' already has image 'https://img.example.com/5.jpg' on line 7",
+        "line 103: sku is empty",
+    ]
     client = redis.Redis.from_url(redis_url)
     messages = [json.loads(raw) for raw in client.lrange(QUEUE_NEW, 0, -1)]
     assert len(messages) == 4  # 32 + 32 + 32 + 4

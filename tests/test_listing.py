@@ -138,8 +138,9 @@ def _result(job: JobSpec, taxonomy: Taxonomy, category: str, color: str, seconds
     attributes = {"category": AttributeTag(value=category, confidence=0.93)}
     for attribute in taxonomy.attributes_for(category):
         value = color if attribute.name == "primary_color" else attribute.values[0].id
+        # The rest: sure enough for no review (0.5), not sure enough to contradict a listing (0.8).
         attributes[attribute.name] = AttributeTag(
-            value=value, confidence=0.9 if attribute.name == "primary_color" else 0.3
+            value=value, confidence=0.9 if attribute.name == "primary_color" else 0.7
         )
     return TagResult(
         job_id=job.job_id, sku=job.sku, image_uri=job.image_uri, image_sha256=f"{job.job_id:064x}", status="tagged",

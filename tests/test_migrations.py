@@ -14,7 +14,7 @@ from pipeline.cli import main
 from pipeline.db import make_engine, metadata
 from pipeline.migrate import current_revision, downgrade, head_revision, upgrade
 
-VIEWS = {"sku_tags_current", "sku_tags_json", "listing_issues"}
+VIEWS = {"sku_tags_current", "sku_tags_json", "listing_issues", "sku_tag_sources"}
 
 
 def _relations(url: str) -> tuple[set[str], set[str]]:

@@ -17,7 +17,7 @@ from pipeline.errors import InputError
 from pipeline.migrate import upgrade
 from pipeline.review.decisions import Decision, DecisionRecorder
 from pipeline.writer import ResultWriter
-from schemas.results import TagResult
+from schemas.results import JobSpec, TagResult
 from schemas.taxonomy import Taxonomy
 from tests.conftest import make_jobs, make_result
 
@@ -271,7 +271,7 @@ def test_migrating_0001_data_keeps_valid_reviews_and_queues_needs_review(tmp_pat
     upgrade(url, "0001")
     engine = make_engine(url)
     try:
-        jobs = make_jobs(engine, 2)
+        jobs = _jobs_0001(engine, 2)
         results = [needs_review(make_result(job, taxonomy, category="dress"), ["pattern"], pattern=0.1) for job in jobs]
         # The 0001 writer: no queue tables yet, so write its rows directly.
         _write_0001(engine, taxonomy, results)
@@ -289,6 +289,25 @@ def test_migrating_0001_data_keeps_valid_reviews_and_queues_needs_review(tmp_pat
         assert json_status(engine, jobs[0].sku)[0] == "tagged"
     finally:
         engine.dispose()
+
+
+def _jobs_0001(engine: Engine, count: int) -> list[JobSpec]:
+    """Jobs as the 0001 schema holds them (the ledger's own code follows the newest schema)."""
+    now = "2026-01-01 00:00:00"
+    with engine.begin() as conn:
+        run = "INSERT INTO runs (id, kind, state, config, total_jobs, planned_at, created_at) VALUES (1, 'submit',"
+        conn.execute(sa.text(run + " 'running', '{}', :n, :now, :now)"), {"n": count, "now": now})
+        specs = []
+        for index in range(count):
+            sku, uri = f"SKU-{index:06d}", f"file:///images/SKU-{index}.jpg"
+            item = "INSERT INTO items (sku, image_uri, created_at, updated_at) VALUES (:s, :u, :now, :now)"
+            conn.execute(sa.text(item), {"s": sku, "u": uri, "now": now})
+            job_id = conn.execute(
+                sa.text("INSERT INTO jobs (run_id, sku, image_uri, created_at, updated_at) "
+                        "VALUES (1, :s, :u, :now, :now) RETURNING id"), {"s": sku, "u": uri, "now": now},
+            ).scalar_one()  # fmt: skip
+            specs.append(JobSpec(job_id=job_id, run_id=1, sku=sku, image_uri=uri))
+    return specs
 
 
 def _write_0001(engine: Engine, taxonomy: Taxonomy, results: list[TagResult]) -> None:

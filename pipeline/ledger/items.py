@@ -17,12 +17,14 @@ from pipeline.ledger.common import staging, utcnow
 
 @dataclass(frozen=True)
 class CatalogRow:
-    """One row of a catalog file: what a SKU's main image is and what we know about it."""
+    """One row of a catalog file: one image of a SKU and what we know about the SKU. A SKU with
+    several images has several rows (the first one's title and category hint are the SKU's)."""
 
     sku: str
     image_uri: str
     title: str | None = None
     category_hint: str | None = None
+    view: str | None = None  # front, back, detail, ... (lower case)
 
 
 _STAGE_ITEMS = """

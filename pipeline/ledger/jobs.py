@@ -21,7 +21,7 @@ _STAGE_JOBS = "CREATE TEMP TABLE IF NOT EXISTS stage_jobs (sku text, image_uri t
 _INSERT_STAGED_JOBS = sa.text(f"""
 INSERT INTO jobs (run_id, sku, image_uri, reason, queue, state, attempts, created_at, updated_at)
 SELECT :run_id, sku, image_uri, :reason, :queue, '{JobState.QUEUED.value}', 0, :now, :now FROM stage_jobs
-ON CONFLICT (run_id, sku) DO NOTHING
+ON CONFLICT (run_id, sku, image_uri) DO NOTHING
 RETURNING id, sku, image_uri
 """).bindparams(NOW)
 
@@ -34,27 +34,28 @@ def add_jobs(
     queue: str = "new",
     now: datetime | None = None,
 ) -> list[JobSpec]:
-    """One queued job per (sku, image_uri) in the run; a sku already in the run is not added twice."""
+    """One queued job per (sku, image_uri) in the run (a sku with several images has one job per
+    image); an image already in the run is not added twice."""
     if not entries:
         return []
     now = now or utcnow()
-    unique = dict(entries)
+    unique = list(dict.fromkeys(entries))
     if conn.dialect.name == "postgresql":
         staging(conn, _STAGE_JOBS, "stage_jobs")
-        copy_rows(conn, "stage_jobs", ("sku", "image_uri"), unique.items())
+        copy_rows(conn, "stage_jobs", ("sku", "image_uri"), unique)
         params = {"run_id": run_id, "reason": reason, "queue": queue, "now": now}
         created = sorted(conn.execute(_INSERT_STAGED_JOBS, params).all(), key=lambda row: row.id)
         conn.execute(sa.update(runs).where(runs.c.id == run_id).values(total_jobs=runs.c.total_jobs + len(created)))
         return [JobSpec(job_id=row.id, run_id=run_id, sku=row.sku, image_uri=row.image_uri) for row in created]
     statement = (
         insert_for(conn)(jobs)
-        .on_conflict_do_nothing(index_elements=[jobs.c.run_id, jobs.c.sku])
+        .on_conflict_do_nothing(index_elements=[jobs.c.run_id, jobs.c.sku, jobs.c.image_uri])
         .returning(jobs.c.id, jobs.c.sku, jobs.c.image_uri, sort_by_parameter_order=True)
     )
     rows = [
         {"run_id": run_id, "sku": sku, "image_uri": uri, "reason": reason, "queue": queue,
          "state": JobState.QUEUED.value, "attempts": 0, "created_at": now, "updated_at": now}
-        for sku, uri in unique.items()
+        for sku, uri in unique
     ]  # fmt: skip
     inserted = conn.execute(statement, rows).all()
     conn.execute(sa.update(runs).where(runs.c.id == run_id).values(total_jobs=runs.c.total_jobs + len(inserted)))

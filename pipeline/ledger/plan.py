@@ -101,6 +101,6 @@ def insert_plan(conn: Connection, run_id: int, queue: str, params: dict[str, Any
         SELECT :run_id, sku, image_uri, reason, :queue, '{JobState.QUEUED.value}', 0, :now, :now
         FROM ({_plan_query()}) p
         WHERE true
-        ON CONFLICT (run_id, sku) DO NOTHING""").bindparams(NOW)
+        ON CONFLICT (run_id, sku, image_uri) DO NOTHING""").bindparams(NOW)
     conn.execute(statement, {**params, "run_id": run_id, "queue": queue, "now": now})
     recount_jobs(conn, run_id)
