@@ -16,9 +16,7 @@ Tables, in the order a job flows through them:
     review_tasks     the review queue: attributes to decide (low confidence, audit sample, ...),
     review_items       grouped per sku, with a short claim so two reviewers never share one
     taxonomy_values  labels and synonyms of every value, per taxonomy version, for consumers
-    listing_mismatches  where a listing's title or category hint contradicts a confident tag
-    item_images      the images of a sku with several (view, position); single-image skus have none
-    tag_sources      for those skus: what each image said per attribute, and which one the merge chose
+    listing_mismatches, item_images, tag_sources: see pipeline/catalog_tables.py
 The views sku_tags_current, sku_tags_json and listing_issues (see migrations/) are the consumer contract.
 """
 
@@ -310,50 +308,6 @@ taxonomy_values = sa.Table(
 )
 
 
-item_images = sa.Table(
-    "item_images",
-    metadata,
-    sa.Column("sku", sa.Text, primary_key=True),
-    sa.Column("image_uri", sa.Text, primary_key=True),
-    sa.Column("view", sa.Text, doc="front, back, detail, ... as the catalog names it (lower case)"),
-    sa.Column("position", sa.Integer, nullable=False, doc="0 is the sku's first image, items.image_uri"),
-    sa.Column("updated_at", Timestamp, nullable=False),
-)
-
-tag_sources = sa.Table(
-    "tag_sources",
-    metadata,
-    sa.Column("sku", sa.Text, primary_key=True),
-    sa.Column("attribute", sa.Text, primary_key=True),
-    sa.Column("image_uri", sa.Text, primary_key=True),
-    sa.Column("view", sa.Text),
-    sa.Column("position", sa.Integer, nullable=False),
-    sa.Column("value", sa.Text, nullable=False),
-    sa.Column("confidence", sa.Float, nullable=False),
-    sa.Column("role", sa.Text, nullable=False),
-    sa.Column("job_id", BigId, nullable=False),
-    sa.Column("image_sha256", sa.Text),
-    sa.Column("updated_at", Timestamp, nullable=False),
-    sa.CheckConstraint(_one_of("role", ("chosen", "agrees", "conflict", "outranked", "not_preferred")), name="role"),
-)
-
-listing_mismatches = sa.Table(
-    "listing_mismatches",
-    metadata,
-    sa.Column("sku", sa.Text, primary_key=True),
-    sa.Column("attribute", sa.Text, primary_key=True),
-    sa.Column("listed_values", sa.Text, nullable=False, doc="Value ids the listing names, comma-separated."),
-    sa.Column("listed_words", sa.Text, nullable=False, doc="The listing's words that named them, ' | '-separated."),
-    sa.Column("listed_in", sa.Text, nullable=False, doc="title, category_hint or both, comma-separated."),
-    sa.Column("image_value", sa.Text, nullable=False),
-    sa.Column("confidence", sa.Float, nullable=False),
-    sa.Column("job_id", BigId, nullable=False),
-    sa.Column("image_sha256", sa.Text),
-    sa.Column("taxonomy_version", sa.Text, nullable=False),
-    sa.Column("detected_at", Timestamp, nullable=False),
-)
-
-
 # --- engines ---------------------------------------------------------------------------------
 def make_engine(database_url: str, **kwargs: Any) -> Engine:
     """An engine for database_url. Built where it is used and passed in; never at import."""
@@ -477,3 +431,6 @@ def translated_errors(action: str) -> Iterator[None]:
         yield
     except SQLAlchemyError as exc:
         raise classify_db_error(exc, action) from exc
+
+
+# Registered on the same metadata, defined in their own module (after everything they import here).

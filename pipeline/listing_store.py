@@ -14,7 +14,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from pipeline.db import items, listing_mismatches
+from pipeline.catalog_tables import listing_mismatches
+from pipeline.db import items
 from pipeline.listing import REVIEW_REASON, ListingChecker, ListingIssue
 from schemas.results import TagResult
 

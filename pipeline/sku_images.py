@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from pipeline.catalog import Deduplicator
-from pipeline.db import item_images, tag_sources
+from pipeline.catalog_tables import item_images, tag_sources
 from pipeline.ledger import CatalogRow
 from pipeline.listing import ListingChecker
 from pipeline.listing_store import open_listing_tasks, record_listing_issues
