@@ -7,6 +7,7 @@ for who may use it and how POSTs are protected.
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from schemas.taxonomy import CATEGORY, Taxonomy
 
 BULK_LIMIT = 50_000
 COUNTS_TTL_S = 5.0  # counts are a GROUP BY over the whole queue: shared between page views briefly
+SLOW_COUNTS_S = 0.1
 
 _SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
@@ -63,7 +65,9 @@ class ReviewApp:
             autoescape=select_autoescape(default=True, default_for_string=True),
         )
         self.recorder = DecisionRecorder(self.engine, self.taxonomy, self.notify_channel)
-        self._counts: dict[Any, tuple[float, queue.QueueCounts]] = {}
+        self._counts: dict[Any, tuple[float, float, queue.QueueCounts]] = {}  # taken at, took, counts
+        self._refreshing: set[queue.QueueFilter] = set()
+        self._lock = threading.Lock()
         self.static_dir = Path(str(package.joinpath("static")))
 
     # --- plumbing ---
@@ -104,16 +108,39 @@ class ReviewApp:
         return data
 
     def counts(self, flt: queue.QueueFilter) -> queue.QueueCounts:
+        """Counts for flt. Fresh ones when they are cheap; on a large queue (over SLOW_COUNTS_S to
+        count) a page gets the last counts and a background thread refreshes them, so counting
+        never holds a page up."""
         cached = self._counts.get(flt)
-        if cached is not None and time.monotonic() - cached[0] < COUNTS_TTL_S:
-            return cached[1]
-        with self.engine.connect() as conn:
-            counts = queue.count(conn, flt)
-        self._counts[flt] = (time.monotonic(), counts)
+        if cached is None:
+            return self._count_now(flt)
+        taken_at, took_s, counts = cached
+        if time.monotonic() - taken_at < COUNTS_TTL_S:
+            return counts
+        if took_s < SLOW_COUNTS_S:
+            return self._count_now(flt)
+        with self._lock:
+            if flt in self._refreshing:
+                return counts
+            self._refreshing.add(flt)
+        threading.Thread(target=self._count_now, args=(flt,), daemon=True).start()
         return counts
 
+    def _count_now(self, flt: queue.QueueFilter) -> queue.QueueCounts:
+        started = time.monotonic()
+        try:
+            with self.engine.connect() as conn:
+                counts = queue.count(conn, flt)
+            self._counts[flt] = (time.monotonic(), time.monotonic() - started, counts)
+            return counts
+        finally:
+            with self._lock:
+                self._refreshing.discard(flt)
+
     def forget_counts(self) -> None:
-        self._counts.clear()
+        """After a decision: the counts are out of date (refreshed as counts() decides)."""
+        for flt, (_, took_s, counts) in list(self._counts.items()):
+            self._counts[flt] = (0.0, took_s, counts)
 
     def notify(self, skus: list[str]) -> None:
         if not self.notify_channel or not skus or self.engine.dialect.name != "postgresql":

@@ -164,31 +164,42 @@ def _titles(conn: Connection, skus: Sequence[str]) -> dict[str, str | None]:
 
 
 def count(conn: Connection, flt: QueueFilter) -> QueueCounts:
-    """How many items match flt, and how the open tasks split by reason, attribute and category."""
+    """How many items match flt, and how the open tasks split by reason, attribute and category.
+    Plain counts: with an attribute filter a task row is one sku (the key is sku, attribute)."""
     source, confidence = _ordered_source(flt)
-    total_query = sa.select(sa.func.count(sa.distinct(review_items.c.sku))).select_from(source)
-    counts = QueueCounts(total=conn.execute(total_query.where(*_conditions(flt, confidence))).scalar_one())
-    unfiltered_attribute = QueueFilter(**{**flt.__dict__, "attribute": None, "reason": None})
-    task_scope = (
-        sa.select(review_tasks.c.reason, review_tasks.c.attribute, review_items.c.category)
-        .select_from(review_tasks.join(review_items, review_items.c.sku == review_tasks.c.sku))
-        .where(*_conditions(unfiltered_attribute, review_tasks.c.confidence))
-        .subquery()
-    )
-    for name, target in (("reason", counts.by_reason), ("attribute", counts.by_attribute)):
-        column = task_scope.c[name]
-        for key, number in conn.execute(sa.select(column, sa.func.count()).group_by(column)):
-            target[str(key)] = int(number)
+    total_query = sa.select(sa.func.count()).select_from(source).where(*_conditions(flt, confidence))
+    counts = QueueCounts(total=conn.execute(total_query).scalar_one())
+    tasks_only = QueueFilter(**{**flt.__dict__, "attribute": None, "reason": None})
+    scope: Any = review_tasks
+    if flt.run_id is not None or flt.category is not None:  # item columns: join the items
+        scope = review_tasks.join(review_items, review_items.c.sku == review_tasks.c.sku)
+    for column, target in ((review_tasks.c.reason, counts.by_reason), (review_tasks.c.attribute, counts.by_attribute)):
+        query = sa.select(column, sa.func.count()).select_from(scope)
+        query = query.where(*_task_conditions(tasks_only)).group_by(column)
+        target.update({str(key): int(number) for key, number in conn.execute(query)})
     no_category = QueueFilter(**{**flt.__dict__, "category": None})
     source, confidence = _ordered_source(no_category)
     by_category = (
-        sa.select(review_items.c.category, sa.func.count(sa.distinct(review_items.c.sku)))
+        sa.select(review_items.c.category, sa.func.count())
         .select_from(source)
         .where(*_conditions(no_category, confidence))
         .group_by(review_items.c.category)
     )
     counts.by_category = {str(key): int(number) for key, number in conn.execute(by_category)}
     return counts
+
+
+def _task_conditions(flt: QueueFilter) -> list[Any]:
+    conditions: list[Any] = []
+    if flt.run_id is not None:
+        conditions.append(review_items.c.run_id == flt.run_id)
+    if flt.category is not None:
+        conditions.append(review_items.c.category == flt.category)
+    if flt.min_confidence is not None:
+        conditions.append(review_tasks.c.confidence >= flt.min_confidence)
+    if flt.max_confidence is not None:
+        conditions.append(review_tasks.c.confidence <= flt.max_confidence)
+    return conditions
 
 
 # --- claims ----------------------------------------------------------------------------------
