@@ -6,8 +6,8 @@ that touches a thousand rows: a bulk accept of 10,000 items took 30 s instead of
 sequential scans off inside the two trigger functions only, every statement there is driven by
 the inserted rows through the primary keys: 3,000 items 3.7 s -> 0.7 s (300k results, 60k queued).
 
-Revision ID: 0006_review_trigger_plans
-Revises: 0005_review_thresholds
+Revision ID: 0007_review_trigger_plans
+Revises: 0006_sku_images
 Create Date: 2026-12-04
 """
 
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0006_review_trigger_plans"
-down_revision: str | None = "0005_review_thresholds"
+revision: str = "0007_review_trigger_plans"
+down_revision: str | None = "0006_sku_images"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
