@@ -37,21 +37,25 @@ class _SeenError(Exception):
 def capture_until(
     app: Any, wanted: Callable[[dict[str, Any]], bool], trigger: Callable[[], None], timeout: float
 ) -> list[dict[str, Any]]:
-    """Listen to the event stream, call trigger once listening, return the events up to the wanted one."""
+    """Listen to the event stream; once the first event shows we are subscribed (workers send a
+    heartbeat every 2 s), call trigger; return the events up to the wanted one."""
     seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
 
     def on_event(event: dict[str, Any]) -> None:
+        if not seen:
+            threading.Thread(target=trigger).start()
         seen.append(event)
-        if wanted(event):
+        if wanted(event) or time.monotonic() > deadline:
             raise _SeenError
 
     with app.connection_for_read() as connection:
         receiver = app.events.Receiver(connection, handlers={"*": on_event})
-        threading.Timer(1.0, trigger).start()  # after the receiver has subscribed
         try:
-            receiver.capture(limit=10_000, timeout=timeout)
+            receiver.capture(limit=None, timeout=timeout)
         except _SeenError:
-            return seen
+            if wanted(seen[-1]):
+                return seen
         except TimeoutError:
             pass
     raise AssertionError(f"no such event within {timeout} s; saw {[e.get('type') for e in seen]}")
@@ -182,8 +186,14 @@ def test_the_worker_sends_heartbeats_and_task_events(processes: Processes) -> No
     env = processes.env
     settings = load_settings(broker_url=env["SKUTAG_BROKER_URL"])
     app = create_app(settings)
-    heartbeats = capture_until(app, lambda e: e["type"] == "worker-heartbeat", lambda: None, timeout=30)
-    assert heartbeats[-1]["hostname"].startswith("skutag-gpu-")
+    # Heartbeats from both the GPU worker and the writer (Flower shows both as online).
+    beats = capture_until(
+        app, lambda e: e["type"] == "worker-heartbeat" and e["hostname"].startswith("skutag-gpu-"), lambda: None, 60
+    )
+    beats += capture_until(
+        app, lambda e: e["type"] == "worker-heartbeat" and e["hostname"].startswith("skutag-writer-"), lambda: None, 60
+    )
+    assert {e["hostname"].split("-")[1] for e in beats if e["type"] == "worker-heartbeat"} == {"gpu", "writer"}
 
     # A job the ledger does not know: the worker skips it, and the task still succeeds.
     message = [{"job_id": 987654321, "run_id": 1, "sku": "NOPE", "image_uri": "file:///nope.jpg"}]
@@ -191,7 +201,7 @@ def test_the_worker_sends_heartbeats_and_task_events(processes: Processes) -> No
         app,
         lambda e: e["type"] == "task-succeeded",
         lambda: app.send_task(TAG_TASK, args=[message], queue=QUEUE_NEW),
-        timeout=60,
+        timeout=120,
     )
     types = [event["type"] for event in events]
     assert "task-received" in types, types
