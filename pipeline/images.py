@@ -68,6 +68,7 @@ TRANSPOSE_FOR_ORIENTATION = {
     8: Image.Transpose.ROTATE_90,
 }
 WHITE = (255, 255, 255)
+PILLOW_BLOCK_BYTES = 64 * 2**20  # over glibc's largest mmap threshold (32 MB on 64-bit)
 
 log = logging.getLogger("skutag.intake")
 
@@ -89,6 +90,13 @@ def configure_pillow(max_image_pixels: int) -> None:
     # Pillow warns about recoverable oddities (corrupt EXIF, a malformed MPO header read as JPEG);
     # the image is still good, and a warning raised as an error would reject it.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    # Pillow allocates a large image in blocks (16 MB by default). glibc serves blocks under its
+    # mmap threshold (which grows to 32 MB) from per-thread arenas and keeps them when freed, so
+    # eight intake threads each kept a few hundred MB of freed pixels. Blocks above the threshold
+    # are mapped and unmapped, and go back to the system as soon as the image is reduced.
+    from PIL import _imaging  # the C core that Image.core names; its block size has no public setter
+
+    _imaging.set_block_size(PILLOW_BLOCK_BYTES)
 
 
 # --- addresses -------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(60_000_000, ge=1)
     decode_budget_mb: int = Field(
-        256, ge=16,
+        128, ge=16,
         description="Full-size decoded pixels one process's intake threads may hold at once; an image that "
         "needs more decodes alone. Peak intake memory is the larger of this and the largest image.",
     )  # fmt: skip
