@@ -33,6 +33,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from pipeline import ledger
 from pipeline.db import make_engine, translated_errors
+from pipeline.errors import ConfigError, InputError
 from pipeline.images import Fetcher, FetchPolicy, IntakeError
 from pipeline.ledger import backfill_lock
 from pipeline.ledger.plan import add_content_changed, count_plan, insert_plan, reset_content_changed
@@ -74,6 +75,7 @@ class BackfillSummary:
     enqueue_s: float = 0.0
     published: int = 0
     resumed: bool = False
+    retired: dict[str, int] | None = None  # {"retired": n, "relisted": m} with --retire-missing
 
 
 # --- planning --------------------------------------------------------------------------------
@@ -244,6 +246,7 @@ class BackfillOptions:
     wait: bool = True
     poll_s: float = 1.0
     no_cache: bool = False
+    retire_missing: bool = False  # items the refreshed catalog no longer lists are retired
 
     @property
     def use_cache(self) -> bool:
@@ -257,13 +260,20 @@ class DryRun:
     estimated_s: float | None
     planning_s: float
     content_check: dict[str, int] | None = None
+    retired: dict[str, int] | None = None  # {"retired": n, "relisted": m} with --retire-missing
 
     @property
     def total(self) -> int:
         return sum(self.by_reason.values())
 
 
-CatalogRefresh = Callable[[Connection], int]
+@dataclass(frozen=True)
+class RefreshMode:
+    commit: bool = True  # False in a dry run: everything is rolled back at the end
+    record_seen: bool = False  # list the skus seen, for --retire-missing
+
+
+CatalogRefresh = Callable[[Connection, RefreshMode], int]
 
 
 def run_backfill(
@@ -275,22 +285,30 @@ def run_backfill(
     refresh: CatalogRefresh | None = None,
     on_progress: Callable[[EnqueueProgress, int], None] | None = None,
 ) -> BackfillSummary | DryRun:
-    """Lock, refresh, plan, enqueue, summarize. Raises LockedError when another backfill runs."""
+    """Lock, refresh, plan, enqueue, summarize. Raises LockedError when another backfill runs. A
+    dry run does all of it up to the plan in one transaction that it rolls back: no table changes."""
+    if options.retire_missing and refresh is None:
+        raise ConfigError("--retire-missing needs the whole catalog: --catalog FILE or SKUTAG_BACKFILL_SOURCE_QUERY")
     with backfill_lock(database) as conn:
         reset_content_changed(conn)
+        ledger.reset_catalog_seen(conn)
         conn.commit()
-        if refresh is not None:
-            refresh(conn)
+        keep = not options.dry_run
+        retired_before = ledger.retired_count(conn)
+        listed = refresh(conn, RefreshMode(commit=keep, record_seen=options.retire_missing)) if refresh else None
+        retired = _retire(conn, listed, retired_before) if options.retire_missing else None
         content = check_content(conn, settings) if options.check_content else None
-        conn.commit()
+        if keep:
+            conn.commit()
         params = _plan_params(settings, taxonomy, options.max_age, ledger.utcnow())
         started = time.perf_counter()
         if options.dry_run:
             counts = count_plan(conn, params)
             conn.rollback()
             return DryRun(
-                counts, estimate_seconds(database, sum(counts.values())), time.perf_counter() - started, content
-            )
+                counts, estimate_seconds(database, sum(counts.values())), time.perf_counter() - started, content,
+                retired,
+            )  # fmt: skip
         run_id = ledger.open_run(conn, "backfill")
         resumed = run_id is not None
         if run_id is None:
@@ -306,7 +324,15 @@ def run_backfill(
         published = progress.published
     summary = summarize(database, run_id, planning_s, published, resumed)
     summary.enqueue_s = round(time.perf_counter() - started, 3)
+    summary.retired = retired
     return summary
+
+
+def _retire(conn: Connection, listed: int | None, retired_before: int) -> dict[str, int]:
+    if not listed:  # an empty or unreadable catalog must not retire the whole assortment
+        raise InputError("the catalog lists no valid items; refusing to retire every item (--retire-missing)")
+    relisted = retired_before - ledger.retired_count(conn)  # the refresh brought these back
+    return {"retired": ledger.retire_missing(conn), "relisted": relisted}
 
 
 def catalog_refresh(
@@ -329,7 +355,7 @@ def refresh_from_rows(rows: Iterator[tuple[int, Any]], bad_rows: list[Any], chun
 
     deduplicator = Deduplicator()
 
-    def refresh(conn: Connection) -> int:
+    def refresh(conn: Connection, mode: RefreshMode) -> int:
         count = 0
         for part in chunks(rows, chunk):
             good: list[tuple[ledger.CatalogRow, int]] = []
@@ -340,9 +366,8 @@ def refresh_from_rows(rows: Iterator[tuple[int, Any]], bad_rows: list[Any], chun
                 else:
                     good.append((checked, deduplicator.position(checked)))
             firsts = [row for row, position in good if position == 0]  # a sku's first image is its item
-            ledger.upsert_items(conn, firsts)
             record_images(conn, [row.sku for row in firsts], catalog_images(good, deduplicator), ledger.utcnow())
-            conn.commit()
+            _store(conn, firsts, mode)
             count += len(firsts)
         return count
 
@@ -353,7 +378,7 @@ def refresh_from_query(source: Engine, query: str, chunk: int = 20_000) -> Catal
     """A catalog refresh from the user's own table: a read-only query returning sku, image_uri and
     optionally title, category_hint; streamed with a server-side cursor."""
 
-    def refresh(conn: Connection) -> int:
+    def refresh(conn: Connection, mode: RefreshMode) -> int:
         count = 0
         with translated_errors("reading the catalog source"), source.connect() as read:
             if read.dialect.name == "postgresql":
@@ -365,9 +390,16 @@ def refresh_from_query(source: Engine, query: str, chunk: int = 20_000) -> Catal
                                       category_hint=r.get("category_hint"))
                     for r in part if r.get("sku") and r.get("image_uri")
                 ]  # fmt: skip
-                ledger.upsert_items(conn, rows)
-                conn.commit()
+                _store(conn, rows, mode)
                 count += len(rows)
         return count
 
     return refresh
+
+
+def _store(conn: Connection, rows: Sequence[ledger.CatalogRow], mode: RefreshMode) -> None:
+    ledger.upsert_items(conn, rows)
+    if mode.record_seen:
+        ledger.add_catalog_seen(conn, [row.sku for row in rows])
+    if mode.commit:  # chunk by chunk: a catalog of millions is not one transaction
+        conn.commit()

@@ -3,7 +3,7 @@ translated into skutag's error tree (retryable: connection lost, deadlock, seria
 final: constraint violations and bad data).
 
 Tables, in the order a job flows through them:
-    items            the catalog as skutag knows it (sku -> image uri, title, category hint)
+    items            the catalog as skutag knows it (sku -> image uri, title, category hint, retired)
     runs             one per submit, backfill or local run, with a config snapshot
     jobs             one per sku per run: the ledger (states: schemas.states.JobState)
     results          one per job, full provenance: the log of every input/output pair, and the
@@ -74,6 +74,7 @@ items = sa.Table(
     sa.Column("image_last_modified", sa.Text),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("updated_at", Timestamp, nullable=False),
+    sa.Column("retired_at", Timestamp, doc="Delisted (backfill --retire-missing): out of the views and plan."),
 )
 
 runs = sa.Table(
@@ -371,8 +372,7 @@ def copy_text(rows: Iterable[tuple[Any, ...]]) -> StringIO:
 
 
 def copy_rows(conn: Connection, table: str, columns: Sequence[str], rows: Iterable[tuple[Any, ...]] | StringIO) -> None:
-    """Postgres COPY into table (usually a temporary staging table), inside conn's transaction; rows
-    are tuples, or text already in COPY format."""
+    """Postgres COPY into table (often a temporary staging table) in conn's transaction; rows or COPY text."""
     text = rows if isinstance(rows, StringIO) else copy_text(rows)
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:

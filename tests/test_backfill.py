@@ -284,7 +284,10 @@ def test_cli_summary_and_exit_codes(
 
     versions = config_snapshot(load_settings(), taxonomy)
     with FakeWorkers(pg_engine, fail_every=7, broker=broker, versions=versions):
-        result = runner.invoke(main, ["backfill", "--summary", str(tmp_path / "s.json")], env=env)
+        # the dry run changed nothing, so the catalog is read again
+        result = runner.invoke(
+            main, ["backfill", "--catalog", str(catalog), "--summary", str(tmp_path / "s.json")], env=env
+        )
     summary = json.loads((tmp_path / "s.json").read_text())
     assert result.exit_code == 4, result.output  # some jobs failed: partial
     assert summary["state"] == "partial" and summary["jobs_by_state"]["failed"] > 0

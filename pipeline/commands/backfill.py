@@ -23,6 +23,8 @@ from pipeline.commands.common import (
 )
 from pipeline.commands.exits import for_run_state
 
+RETIRE_HELP = "Retire the items the catalog no longer lists: out of the views and the plan; history stays."
+
 
 @click.command()
 @click.option(
@@ -42,6 +44,7 @@ from pipeline.commands.exits import for_run_state
     help="Also re-tag items whose tags are older than this many days (implies --no-cache: they are re-inferred).",
 )
 @click.option("--no-cache", is_flag=True, help=NO_CACHE_HELP)
+@click.option("--retire-missing", is_flag=True, help=RETIRE_HELP)
 @click.option("--max-outstanding", type=int, help="Most jobs in Redis at once (SKUTAG_BACKFILL_MAX_OUTSTANDING).")
 @click.option("--dry-run", is_flag=True, help="Count what would be re-tagged, by reason, with an estimated duration.")
 @click.option("--no-wait", is_flag=True, help="Publish what fits now and exit; the next backfill continues the run.")
@@ -59,6 +62,7 @@ def backfill(
     check_content: bool,
     max_age_days: float | None,
     no_cache: bool,
+    retire_missing: bool,
     max_outstanding: int | None,
     dry_run: bool,
     no_wait: bool,
@@ -92,7 +96,7 @@ def backfill(
     options = BackfillOptions(
         dry_run=dry_run, check_content=check_content, wait=not no_wait,
         max_age=timedelta(days=max_age_days) if max_age_days else None,
-        max_outstanding=settings.backfill_max_outstanding, no_cache=no_cache,
+        max_outstanding=settings.backfill_max_outstanding, no_cache=no_cache, retire_missing=retire_missing,
     )  # fmt: skip
     publisher = None if dry_run else CeleryPublisher(create_app(settings), settings)
     metrics = BackfillMetrics()
@@ -145,5 +149,5 @@ def _backfill_document(result: Any) -> dict[str, Any]:
     if isinstance(result, DryRun):
         return {"dry_run": True, "to_retag": result.total, "by_reason": result.by_reason,
                 "estimated_s": result.estimated_s, "planning_s": round(result.planning_s, 3),
-                "content_check": result.content_check}  # fmt: skip
+                "content_check": result.content_check, "retired": result.retired}  # fmt: skip
     return asdict(result)

@@ -19,7 +19,16 @@ the reconciler, the writer and the CLI call these functions.
 
 from pipeline.ledger.cache import cached_results
 from pipeline.ledger.common import utcnow
-from pipeline.ledger.items import CatalogRow, store_validators, tagged_items_page, upsert_items
+from pipeline.ledger.items import (
+    CatalogRow,
+    add_catalog_seen,
+    reset_catalog_seen,
+    retire_missing,
+    retired_count,
+    store_validators,
+    tagged_items_page,
+    upsert_items,
+)
 from pipeline.ledger.jobs import (
     UNPUBLISHED,
     Claim,
@@ -72,6 +81,7 @@ __all__ = [
     "CatalogRow",
     "Claim",
     "RunOverview",
+    "add_catalog_seen",
     "add_jobs",
     "backfill_lock",
     "cache_hits",
@@ -100,6 +110,9 @@ __all__ = [
     "recount_jobs",
     "release_jobs",
     "reopen_running",
+    "reset_catalog_seen",
+    "retire_missing",
+    "retired_count",
     "run_config",
     "run_counts",
     "run_row",

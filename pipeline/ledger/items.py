@@ -36,15 +36,17 @@ INSERT INTO items (sku, image_uri, title, category_hint, created_at, updated_at)
 SELECT DISTINCT ON (sku) sku, image_uri, title, category_hint, :now, :now FROM stage_items ORDER BY sku
 ON CONFLICT (sku) DO UPDATE SET
     image_uri = excluded.image_uri, title = excluded.title, category_hint = excluded.category_hint,
-    updated_at = excluded.updated_at
+    updated_at = excluded.updated_at, retired_at = NULL
 WHERE items.image_uri <> excluded.image_uri
    OR items.title IS DISTINCT FROM excluded.title
    OR items.category_hint IS DISTINCT FROM excluded.category_hint
+   OR items.retired_at IS NOT NULL
 """).bindparams(sa.bindparam("now", type_=sa.DateTime(timezone=True)))
 
 
 def upsert_items(conn: Connection, rows: Sequence[CatalogRow], now: datetime | None = None) -> None:
-    """Insert or refresh catalog items; updated_at moves only when something changed.
+    """Insert or refresh catalog items; updated_at moves only when something changed. A retired
+    item listed again is retired no more.
     Postgres: COPY into a staging table + one INSERT ... ON CONFLICT (a row-by-row executemany
     managed ~5,000 rows/s); SQLite: executemany."""
     if not rows:
@@ -61,6 +63,7 @@ def upsert_items(conn: Connection, rows: Sequence[CatalogRow], now: datetime | N
         items.c.image_uri != insert.excluded.image_uri,
         items.c.title.is_distinct_from(insert.excluded.title),
         items.c.category_hint.is_distinct_from(insert.excluded.category_hint),
+        items.c.retired_at.is_not(None),  # listed again: back in the views and the plan
     )
     statement = insert.on_conflict_do_update(
         index_elements=[items.c.sku],
@@ -69,6 +72,7 @@ def upsert_items(conn: Connection, rows: Sequence[CatalogRow], now: datetime | N
             "title": insert.excluded.title,
             "category_hint": insert.excluded.category_hint,
             "updated_at": insert.excluded.updated_at,
+            "retired_at": None,
         },
         where=changed,
     )
@@ -102,3 +106,42 @@ def store_validators(conn: Connection, validators: Sequence[tuple[str, str | Non
             sa.text("UPDATE items SET image_etag = :e, image_last_modified = :m WHERE sku = :s"),
             [{"s": sku, "e": etag, "m": modified} for sku, etag, modified in validators],
         )
+
+
+# --- retiring delisted items -----------------------------------------------------------------
+# The skus a catalog refresh saw, per connection (no key on Postgres: COPY takes duplicates).
+_SEEN = {
+    "postgresql": "CREATE TEMP TABLE IF NOT EXISTS catalog_seen (sku text)",
+    "sqlite": "CREATE TEMP TABLE IF NOT EXISTS catalog_seen (sku TEXT PRIMARY KEY)",
+}
+
+
+def reset_catalog_seen(conn: Connection) -> None:
+    conn.exec_driver_sql(_SEEN[conn.dialect.name])
+    conn.exec_driver_sql("DELETE FROM catalog_seen")
+
+
+def add_catalog_seen(conn: Connection, skus: Sequence[str]) -> None:
+    if not skus:
+        return
+    if conn.dialect.name == "postgresql":
+        copy_rows(conn, "catalog_seen", ("sku",), [(sku,) for sku in skus])
+    else:
+        conn.exec_driver_sql("INSERT OR IGNORE INTO catalog_seen (sku) VALUES (?)", [(sku,) for sku in skus])
+
+
+def retired_count(conn: Connection) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).where(items.c.retired_at.is_not(None))).scalar_one())
+
+
+def retire_missing(conn: Connection, now: datetime | None = None) -> int:
+    """Retire the items the refresh did not see; how many. (Those it saw are retired no more: the
+    upsert brings them back.) A retired item leaves the consumer views and the backfill's plan;
+    nothing is deleted."""
+    seen = sa.text("SELECT sku FROM catalog_seen").columns(sa.column("sku", sa.Text))
+    statement = (
+        sa.update(items)
+        .where(items.c.retired_at.is_(None), items.c.sku.not_in(seen))
+        .values(retired_at=now or utcnow())
+    )
+    return int(conn.execute(statement).rowcount or 0)

@@ -6,7 +6,8 @@
     image_content_changed  same URI, different bytes (listed in content_changed by the content check)
     model_changed / quantization_changed / taxonomy_changed / prompt_changed
     older_than_max_age     tags older than the cutoff
-Nothing is planned for an item whose last job is still open, or failed for good on the same URI.
+Nothing is planned for an item whose last job is still open, or failed for good on the same URI,
+nor for a retired (delisted) item.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ SELECT sku, image_uri, reason FROM (
   LEFT JOIN tag_sets t ON t.sku = i.sku
   LEFT JOIN content_changed cc ON cc.sku = i.sku
   LEFT JOIN jobs lj ON lj.id = (SELECT max(j.id) FROM jobs j WHERE j.sku = i.sku)
+  WHERE i.retired_at IS NULL
 ) planned
 WHERE reason IS NOT NULL
 """
