@@ -29,6 +29,10 @@ class SkutagGroup(click.Group):
 
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a bad flag or argument: one line naming it, as for settings
+            where = exc.ctx.command_path if exc.ctx else "skutag"
+            err_console.print(f"[red]error:[/red] {escape(exc.format_message())} (see {where} -h)", markup=True)
+            sys.exit(ExitCode.BAD_INPUT)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except SkutagError as exc:

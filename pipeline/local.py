@@ -27,12 +27,11 @@ from pipeline.producer import SubmitReport, submit_catalog
 from pipeline.routing import Thresholds
 from pipeline.runner import tag_batch
 from pipeline.secrets import SecretMaskingFilter
-from pipeline.settings import Settings
+from pipeline.settings import Settings, taxonomy_for
 from pipeline.status import run_status
 from pipeline.worker import HandleReport, JobHandler
 from pipeline.writer import ResultWriter, WriterSink
 from schemas.results import JobSpec, TagResult
-from schemas.taxonomy import load_taxonomy
 
 
 @contextlib.contextmanager
@@ -150,7 +149,7 @@ def run_catalog(
     the model, work through every open job, and return how the run ended. use_cache False
     (`--no-cache`) makes a new run infer every image instead of reusing stored model outputs."""
     database = open_database(settings.database_url, create_if_embedded=True)
-    taxonomy = load_taxonomy(settings.taxonomy_path)
+    taxonomy = taxonomy_for(settings)
     if resume_run is None:
         assert rows is not None, "a new local run needs catalog rows"
         submitted = submit_catalog(rows, database, settings, taxonomy, None, kind="local", use_cache=use_cache)
@@ -201,7 +200,7 @@ def settings_for_resume(settings: Settings, run_id: int) -> Settings | None:
 
 def tag_image(settings: Settings, image_uri: str) -> tuple[TagResult, BatchStats | None]:
     """One image through the workers' intake and engine, outside any run (`skutag tag-image`)."""
-    taxonomy = load_taxonomy(settings.taxonomy_path)
+    taxonomy = taxonomy_for(settings)
     intake = ImageIntake(settings)
     try:
         outcome = intake.prepare(image_uri)

@@ -13,12 +13,15 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from schemas.taxonomy import Taxonomy
 
 Quantization = Literal["int8", "nf4", "bf16", "fp16", "fp32"]
 ImageFit = Literal["crop", "pad"]
@@ -251,6 +254,16 @@ class Settings(BaseSettings):
                 close = difflib.get_close_matches(name, known, n=1)
                 hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
                 raise ConfigError(f"SKUTAG_ATTRIBUTE_THRESHOLDS: no attribute {name!r} in the taxonomy ({hint})")
+
+
+def taxonomy_for(settings: Settings) -> Taxonomy:
+    """The taxonomy these settings name, with the settings that refer to its attributes checked
+    against it (a misspelt attribute in SKUTAG_ATTRIBUTE_THRESHOLDS is refused, not ignored)."""
+    from schemas.taxonomy import CATEGORY, load_taxonomy
+
+    taxonomy = load_taxonomy(settings.taxonomy_path)
+    settings.check_thresholds([*taxonomy.attributes, CATEGORY])
+    return taxonomy
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -33,11 +33,10 @@ from pipeline.metrics import WorkerMetrics, WriterMetrics, serve
 from pipeline.reconcile import reconcile
 from pipeline.retrying import retry_until
 from pipeline.routing import Thresholds
-from pipeline.settings import Settings
+from pipeline.settings import Settings, taxonomy_for
 from pipeline.worker import JobHandler
 from pipeline.writer import ResultWriter, write_valid
 from schemas.results import JobSpec, TagResult
-from schemas.taxonomy import load_taxonomy
 from workers.app import QUEUE_WRITE, TAG_TASK, WRITE_TASK, CeleryPublisher, CelerySink, create_app, queue_depths
 
 # Each process logs under its own name, so a shared log stream can be filtered by role.
@@ -102,7 +101,7 @@ def run_gpu_worker(
 ) -> None:
     """Load the model, then consume until stopped (SIGTERM: finish running batches, then exit)."""
     app = create_app(settings)
-    taxonomy = load_taxonomy(settings.taxonomy_path)
+    taxonomy = taxonomy_for(settings)
     engine = TaggingEngine(load_model(settings), taxonomy, settings)
     handler = JobHandler.from_settings(settings, engine, make_engine(settings.database_url, pool_size=concurrency + 2))
     metrics = WorkerMetrics()
@@ -182,7 +181,7 @@ def _reconcile_forever(stop: threading.Event, settings: Settings, app: Celery) -
 
 def run_writer(settings: Settings, reconcile_periodically: bool = True, celery_args: Sequence[str] = ()) -> None:
     app = create_app(settings)
-    taxonomy = load_taxonomy(settings.taxonomy_path)
+    taxonomy = taxonomy_for(settings)
     listing = ListingChecker.from_settings(settings, taxonomy)
     writer = ResultWriter(
         make_engine(settings.database_url),

@@ -13,6 +13,7 @@ import click
 
 from pipeline.commands.common import (
     NO_CACHE_HELP,
+    OutputPath,
     err_console,
     log_to_stderr,
     metrics_port_option,
@@ -48,7 +49,7 @@ RETIRE_HELP = "Retire the items the catalog no longer lists: out of the views an
 @click.option("--max-outstanding", type=int, help="Most jobs in Redis at once (SKUTAG_BACKFILL_MAX_OUTSTANDING).")
 @click.option("--dry-run", is_flag=True, help="Count what would be re-tagged, by reason, with an estimated duration.")
 @click.option("--no-wait", is_flag=True, help="Publish what fits now and exit; the next backfill continues the run.")
-@click.option("--summary", "summary_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--summary", "summary_path", type=OutputPath(),
               help="Also write the JSON summary to this file.")  # fmt: skip
 @click.option("--pushgateway", metavar="URL",
               help="Push the final metrics to this Prometheus Pushgateway (job skutag_backfill).")  # fmt: skip
@@ -83,7 +84,7 @@ def backfill(
     from pipeline.backfill import BackfillOptions, DryRun, catalog_refresh, run_backfill
     from pipeline.catalog import catalog_folder, read_catalog
     from pipeline.metrics import BackfillMetrics, push, serve
-    from schemas.taxonomy import load_taxonomy
+    from pipeline.settings import taxonomy_for
     from workers.app import CeleryPublisher, create_app
 
     settings = settings_from(ctx, backfill_max_outstanding=max_outstanding, **overrides)
@@ -101,7 +102,7 @@ def backfill(
     publisher = None if dry_run else CeleryPublisher(create_app(settings), settings)
     metrics = BackfillMetrics()
     serve(settings.metrics_port, metrics.registry)
-    result = run_backfill(settings, load_taxonomy(settings.taxonomy_path), database, publisher, options, refresh,
+    result = run_backfill(settings, taxonomy_for(settings), database, publisher, options, refresh,
                           on_progress=_backfill_progress(metrics))  # fmt: skip
     report_bad_rows(bad_rows)
     if pushgateway and not dry_run:

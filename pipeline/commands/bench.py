@@ -8,6 +8,10 @@ from typing import Any
 
 import click
 
+from pipeline.commands.common import OutputPath
+
+POSITIVE = click.IntRange(min=1)
+
 
 def bench_services(command: Any) -> Any:
     """--database-url (a Postgres server for scratch databases) and --broker-url (flushed)."""
@@ -30,8 +34,8 @@ def bench() -> None:
 
 
 @bench.command("intake")
-@click.option("--repeats", default=5, show_default=True)
-@click.option("--threads", default=2, show_default=True, help="For the all-cores line.")
+@click.option("--repeats", default=5, show_default=True, type=POSITIVE)
+@click.option("--threads", default=2, show_default=True, type=POSITIVE, help="For the all-cores line.")
 def bench_intake(repeats: int, threads: int) -> None:
     """Images/s per core: skutag's intake vs the article's snippet, on generated realistic JPEGs."""
     from pipeline.bench import intake
@@ -50,7 +54,7 @@ def bench_intake(repeats: int, threads: int) -> None:
 )
 @click.option("--quantizations", default="int8,nf4,bf16", show_default=True)
 @click.option("--batch-sizes", default="1,8,32,64", show_default=True)
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures as JSON.")
+@click.option("--output", type=OutputPath(), help="Also write the figures as JSON.")
 def bench_gpu(tiny: bool, work_dir: Path, quantizations: str, batch_sizes: str, output: Path | None) -> None:
     """Qwen3-VL-8B architecture, random weights: images/s and peak GPU memory for int8 / nf4 / bf16 at
     several batch sizes vs the article's way (one image at a time, free-form generate, fp16)."""
@@ -69,9 +73,9 @@ def bench_gpu(tiny: bool, work_dir: Path, quantizations: str, batch_sizes: str, 
 
 @bench.command("pipeline")
 @bench_services
-@click.option("--images", default=512, show_default=True)
-@click.option("--repeats", default=3, show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--images", default=512, show_default=True, type=POSITIVE)
+@click.option("--repeats", default=3, show_default=True, type=POSITIVE)
+@click.option("--batch-size", default=32, show_default=True, type=POSITIVE)
 def bench_pipeline(server_url: str, broker_url: str, images: int, repeats: int, batch_size: int) -> None:
     """End-to-end images/s (Redis + Celery + Postgres) vs the same engine in a plain loop, tiny model."""
     from pipeline.bench import pipeline as pipeline_bench
@@ -82,8 +86,8 @@ def bench_pipeline(server_url: str, broker_url: str, images: int, repeats: int, 
 
 @bench.command("submit")
 @bench_services
-@click.option("--rows", default=100_000, show_default=True)
-@click.option("--repeats", default=3, show_default=True)
+@click.option("--rows", default=100_000, show_default=True, type=POSITIVE)
+@click.option("--repeats", default=3, show_default=True, type=POSITIVE)
 def bench_submit(server_url: str, broker_url: str, rows: int, repeats: int) -> None:
     """Jobs/s from a catalog file into Redis: skutag submit vs one .delay() per job."""
     from pipeline.bench import submit as submit_bench
@@ -119,7 +123,9 @@ def bench_memory(images: int, large_side: int, small_side: int) -> None:
 
 
 @bench.command("listing")
-@click.option("--cases", default=2000, show_default=True, help="Generated titles, half English, half Chinese.")
+@click.option(
+    "--cases", default=2000, show_default=True, type=POSITIVE, help="Generated titles, half English, half Chinese."
+)
 @click.option("--seed", default=0, show_default=True)
 def bench_listing(cases: int, seed: int) -> None:
     """Listing checks: precision and recall on titles with planted mismatches, vs a word-split reader."""
@@ -150,9 +156,13 @@ def bench_review(server_url: str, broker_url: str, results: int, queued: int, bu
     show_default=True,
     help="A Postgres server; the benchmark uses a scratch database on it.",
 )
-@click.option("--results", "results_per_run", default=4096, show_default=True, help="Results per measurement.")
-@click.option("--naive-rows", default=1500, show_default=True, help="Rows for the slow per-row baseline.")
-@click.option("--repeats", default=5, show_default=True)
+@click.option(
+    "--results", "results_per_run", default=4096, show_default=True, type=POSITIVE, help="Results per measurement."
+)
+@click.option(
+    "--naive-rows", default=1500, show_default=True, type=POSITIVE, help="Rows for the slow per-row baseline."
+)
+@click.option("--repeats", default=5, show_default=True, type=POSITIVE)
 def bench_writer(server_url: str, results_per_run: int, naive_rows: int, repeats: int) -> None:
     """Attribute rows/s: the writer (COPY + set-based upsert) vs per-row ORM insert + commit."""
     from pipeline.bench import writer

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import click
@@ -11,6 +13,25 @@ from rich.console import Console
 from pipeline.settings import Settings, load_settings
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class OutputPath(click.Path):
+    """A file the command will write when it is done: checked when the flag is parsed, before any
+    work (a nightly job must not learn after an hour that its summary has nowhere to go)."""
+
+    name = "file"
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, writable=True, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        path = Path(os.fsdecode(super().convert(value, param, ctx)))
+        folder = path.parent
+        if not folder.is_dir():
+            self.fail(f"{str(path)!r}: the directory {str(folder)!r} does not exist", param, ctx)
+        if not os.access(folder, os.W_OK):
+            self.fail(f"{str(path)!r}: the directory {str(folder)!r} is not writable", param, ctx)
+        return path
 
 
 def settings_from(ctx: click.Context, **overrides: Any) -> Settings:

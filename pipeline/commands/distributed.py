@@ -32,14 +32,14 @@ def submit(ctx: click.Context, catalog: Any, no_cache: bool) -> None:
     from pipeline.catalog import catalog_folder, read_catalog
     from pipeline.producer import submit_catalog
     from pipeline.secrets import mask_secrets
-    from schemas.taxonomy import load_taxonomy
+    from pipeline.settings import taxonomy_for
     from workers.app import CeleryPublisher, create_app
 
     settings = settings_from(ctx)
     database = open_database(settings)
     publisher = CeleryPublisher(create_app(settings), settings)
     rows = read_catalog(catalog, catalog.name, catalog_folder(catalog.name))
-    taxonomy = load_taxonomy(settings.taxonomy_path)
+    taxonomy = taxonomy_for(settings)
     report = submit_catalog(rows, database, settings, taxonomy, publisher, use_cache=not no_cache)
     report_bad_rows(report.bad_rows)
     rate = report.accepted / report.seconds if report.seconds else 0.0

@@ -18,7 +18,9 @@ from pipeline.settings import Settings, load_settings
 
 @click.command("run")
 @click.argument("catalog", type=click.File("r", encoding="utf-8-sig"), required=False)
-@click.option("--resume", "resume_run", type=int, help="Finish the open jobs of an earlier local run.")
+@click.option(
+    "--resume", "resume_run", type=click.IntRange(min=1), help="Finish the open jobs of an earlier local run."
+)
 @click.option("--image-root", "image_roots", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="Another folder local image paths may point into, besides SKUTAG_IMAGE_ROOTS and the "
                    "catalog's folder (repeatable).")  # fmt: skip

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from pipeline.commands.common import open_database, settings_from
+from pipeline.commands.common import OutputPath, open_database, settings_from
 from pipeline.errors import InputError
 from pipeline.settings import Settings
 
@@ -140,7 +140,7 @@ def import_command(ctx: click.Context, file: Path) -> None:
 @click.option("--write", is_flag=True, help="With --recommend-thresholds: store them as the thresholds in force.")
 @click.option("--compare", nargs=2, type=int, metavar="RUN_A RUN_B", help="Agreement of two runs on the same images.")
 @click.option("--format", "output", type=click.Choice(["table", "json", "html"]), default="table", show_default=True)
-@click.option("--output-file", type=click.Path(dir_okay=False, path_type=Path), help="Write there instead of stdout.")
+@click.option("--output-file", type=OutputPath(), help="Write there instead of stdout.")
 @click.pass_context
 def eval_command(ctx: click.Context, run_id: int | None, gold_file: Path | None, recommend_thresholds: bool,
                  target_precision: float, write: bool, compare: tuple[int, int] | None, output: str,

@@ -1,5 +1,5 @@
-"""Following and reading runs: `status` (live progress of one run), `runs` (the recent ones) and
-`export` (the current tags from the consumer views)."""
+"""Following and reading runs: `status` (live progress of one run), `runs` (the recent ones;
+`runs cancel` / `runs seal` end one by hand) and `export` (the current tags from the consumer views)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from schemas.states import JobState, RunState
 @click.command()
 @click.argument("run_id", type=int)
 @click.option("--once", is_flag=True, help="Print the counts once as JSON instead of following the run.")
-@click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes (and between piped lines).")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds between refreshes (and between piped lines).")  # fmt: skip
 @click.pass_context
 def status(ctx: click.Context, run_id: int, once: bool, interval: float) -> None:
     """Follow RUN until it ends: a live bar on a terminal, a progress line per change when piped
@@ -76,11 +77,46 @@ def _follow_live(database: Any, first: Any, interval: float) -> Any:
             now = snapshot(database, first.run_id)
 
 
-@click.command()
-@click.option("--limit", default=20, show_default=True)
+@click.group(invoke_without_command=True)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="How many runs, newest first.")
 @click.pass_context
 def runs(ctx: click.Context, limit: int) -> None:
-    """List the most recent runs with their job counts and their failures by error code."""
+    """List the most recent runs with their job counts and their failures by error code; end one
+    by hand with `skutag runs cancel RUN` or `skutag runs seal RUN`."""
+    if ctx.invoked_subcommand is None:
+        _list_runs(ctx, limit)
+
+
+@runs.command("cancel")
+@click.argument("run_id", type=click.IntRange(min=1))
+@click.pass_context
+def runs_cancel(ctx: click.Context, run_id: int) -> None:
+    """End RUN now: its queued and running jobs fail with code `cancelled` (workers skip them; a
+    result already on its way is still written). Exit 2 if RUN does not exist or has ended."""
+    from pipeline.run_control import cancel_run
+
+    cancelled = cancel_run(open_database(settings_from(ctx)), run_id)
+    click.echo(f"run {run_id} cancelled: {cancelled} open jobs failed as cancelled")
+
+
+@runs.command("seal")
+@click.argument("run_id", type=click.IntRange(min=1))
+@click.pass_context
+def runs_seal(ctx: click.Context, run_id: int) -> None:
+    """Let RUN end with the jobs it has: for a run whose submit stopped before sealing it (killed,
+    or the database went away). It ends at once if they are all finished, else with its last one."""
+    from pipeline.run_control import seal_run
+
+    sealed = seal_run(open_database(settings_from(ctx)), run_id)
+    if sealed.state != RunState.RUNNING:
+        click.echo(f"run {run_id} sealed and ended: {sealed.state}")
+    elif sealed.newly:
+        click.echo(f"run {run_id} sealed: it ends with the last of its {sealed.open_jobs} open jobs")
+    else:
+        click.echo(f"run {run_id} was sealed already; {sealed.open_jobs} jobs still open")
+
+
+def _list_runs(ctx: click.Context, limit: int) -> None:
     from rich.table import Table
 
     from pipeline.failures import format_counts
@@ -110,7 +146,8 @@ def runs(ctx: click.Context, limit: int) -> None:
 @click.command()
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
               help="jsonl: one document per sku (sku_tags_json); csv: one row per sku and attribute.")  # fmt: skip
-@click.option("--output", "-o", type=click.File("w", encoding="utf-8"), default="-", help="A file (default stdout).")
+@click.option("--output", "-o", type=click.File("w", encoding="utf-8", lazy=False), default="-",
+              help="A file (default stdout); opened before the export starts.")  # fmt: skip
 @click.pass_context
 def export(ctx: click.Context, fmt: str, output: Any) -> None:
     """Export the current tags (with reviews applied) from the consumer views, with listing issues

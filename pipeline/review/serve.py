@@ -11,8 +11,7 @@ from starlette.applications import Starlette
 from pipeline.review.app import ReviewApp, build_app
 from pipeline.review.auth import credentials_for
 from pipeline.review.thumbnails import Thumbnails
-from pipeline.settings import Settings
-from schemas.taxonomy import load_taxonomy
+from pipeline.settings import Settings, taxonomy_for
 
 
 def default_reviewer() -> str:
@@ -36,7 +35,7 @@ def make_review_app(
     )
     review = ReviewApp(
         engine=engine,
-        taxonomy=load_taxonomy(settings.taxonomy_path),
+        taxonomy=taxonomy_for(settings),
         credentials=credentials,
         thumbnails=Thumbnails(settings, settings.work_dir / "review-thumbnails"),
         notify_channel=settings.notify_channel,
