@@ -74,6 +74,8 @@ BAD_FLAGS = [
     (["export", "-o", "/nonexistent/x.csv"], "'--output'"),
     (["run", "--resume", "0"], "'--resume'"),
     (["bench", "intake", "--repeats", "0"], "'--repeats'"),
+    (["bench", "backfill", "--sizes", "1e6"], "'--sizes'"),
+    (["bench", "backfill", "--sizes", "0,100"], "'--sizes'"),
     (["runs", "cancel", "999"], "no run 999"),
     (["runs", "seal", "999"], "no run 999"),
     (["status", "999", "--once"], "there is no run 999"),

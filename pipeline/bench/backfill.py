@@ -1,6 +1,7 @@
 """Backfill scale benchmark: synthetic catalogs of 100k, 300k and 1M items in Postgres with a
 realistic mix, planned and enqueued by a real `skutag backfill` process; its planning time, its
-enqueue rate into Redis and its peak RSS, per size, and a linear extrapolation to 10M.
+enqueue rate into Redis and its peak RSS, per size, and a linear extrapolation to 10M (only from
+two or more different sizes; with one, the benchmark says it will not extrapolate).
 
 The mix: 90% of items tagged with the current versions (and a finished job each), of which 3% have
 a new image URI since and 2% an old taxonomy version; 10% never tagged. So ~15% get a job.
@@ -129,22 +130,34 @@ def run(server_url: str, broker_url: str, sizes: tuple[int, ...] = (100_000, 300
         table.add_row(f"{row['items']:,}", f"{row['planned']:,}", f"{row['planning_s']:.1f}",
                       f"{row['enqueue_jobs_per_s']:,.0f}", f"{row['peak_rss_mb']:.0f}")  # fmt: skip
     console.print(table)
-    extrapolated = _extrapolate(rows, 10_000_000)
+    extrapolated = extrapolate(rows, 10_000_000)
+    if extrapolated is None:
+        refused = f"not extrapolated to 10M: a line needs two or more different sizes (measured: {sizes_of(rows)})"
+        console.print(refused)
+        return {"rows": rows, "extrapolated_10m": None, "extrapolation": refused}
     console.print(
-        f"10M items, extrapolated linearly: planning ~{extrapolated['planning_s']:.0f} s, "
+        f"10M items, extrapolated linearly from {sizes_of(rows)}: planning ~{extrapolated['planning_s']:.0f} s, "
         f"peak RSS ~{extrapolated['peak_rss_mb']:.0f} MB, enqueue ~{extrapolated['enqueue_s']:.0f} s"
     )
     return {"rows": rows, "extrapolated_10m": extrapolated}
 
 
-def _extrapolate(rows: list[dict[str, Any]], target: int) -> dict[str, float]:
-    """Least-squares line through (items, value) for each measure, evaluated at target."""
-    out = {}
+def sizes_of(rows: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{size:,}" for size in sorted({int(row["items"]) for row in rows}))
+
+
+def extrapolate(rows: list[dict[str, Any]], target: int) -> dict[str, float] | None:
+    """Least-squares line through (items, value) for each measure, evaluated at target; None when
+    the rows hold fewer than two different sizes (one point fixes no slope: a "line" through it
+    would say 10M items cost what 1M did)."""
     xs = [float(row["items"]) for row in rows]
+    if len(set(xs)) < 2:
+        return None
+    out = {}
     for key in ("planning_s", "peak_rss_mb", "enqueue_s"):
         ys = [float(row[key]) for row in rows]
         mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-        spread = sum((x - mean_x) ** 2 for x in xs) or 1.0
+        spread = sum((x - mean_x) ** 2 for x in xs)
         slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread
         out[key] = mean_y + slope * (target - mean_x)
     return out

@@ -95,14 +95,25 @@ def bench_submit(server_url: str, broker_url: str, rows: int, repeats: int) -> N
     click.echo(json.dumps(submit_bench.run(server_url, broker_url, rows=rows, repeats=repeats)))
 
 
+def _positive_sizes(_ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part.replace("_", "")) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: write whole numbers separated by commas", param=param) from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{value!r}: every size must be at least 1", param=param)
+    return sizes
+
+
 @bench.command("backfill")
 @bench_services
-@click.option("--sizes", default="100000,300000,1000000", show_default=True)
-def bench_backfill(server_url: str, broker_url: str, sizes: str) -> None:
+@click.option("--sizes", default="100000,300000,1000000", show_default=True, callback=_positive_sizes,
+              help="Catalog sizes to measure; the 10M extrapolation needs two or more different ones.")  # fmt: skip
+def bench_backfill(server_url: str, broker_url: str, sizes: tuple[int, ...]) -> None:
     """Backfill planning time, enqueue rate and peak RSS on synthetic catalogs up to 1M items."""
     from pipeline.bench import backfill as backfill_bench
 
-    summary = backfill_bench.run(server_url, broker_url, tuple(int(s) for s in sizes.split(",")))
+    summary = backfill_bench.run(server_url, broker_url, sizes)
     click.echo(json.dumps(summary))
 
 
