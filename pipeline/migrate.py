@@ -9,7 +9,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from alembic.script.revision import RevisionError
+from alembic.script.revision import MultipleHeads, RevisionError
 from alembic.util.exc import CommandError
 from sqlalchemy.engine import Engine
 
@@ -47,6 +47,8 @@ def _check_revision(config: Config, revision: str) -> None:
         if not revision.strip():
             raise CommandError("empty revision")
         scripts.get_revisions(revision)
+    except MultipleHeads:
+        raise  # the migrations themselves are inconsistent: not the user's revision at fault
     except (CommandError, RevisionError) as exc:
         known = ", ".join(script.revision for script in reversed(list(scripts.walk_revisions())))
         raise ConfigError(f"--revision {revision!r}: no such schema revision (known: head, base, {known})") from exc
