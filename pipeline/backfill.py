@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,8 +32,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from pipeline import ledger
+from pipeline.backfill_target import PlanTarget, plan_target
 from pipeline.db import make_engine, translated_errors
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import ConfigError, InputError, RetryableError
 from pipeline.images import Fetcher, FetchPolicy, IntakeError
 from pipeline.ledger import backfill_lock
 from pipeline.ledger.plan import add_content_changed, count_plan, insert_plan, reset_content_changed
@@ -76,20 +77,14 @@ class BackfillSummary:
     published: int = 0
     resumed: bool = False
     retired: dict[str, int] | None = None  # {"retired": n, "relisted": m} with --retire-missing
+    planned_against: dict[str, str] | None = None  # model, quantization, prompt, taxonomy + source
+    warnings: list[str] = field(default_factory=list)
 
 
 # --- planning --------------------------------------------------------------------------------
-def _plan_params(settings: Settings, taxonomy: Taxonomy, max_age: timedelta | None, now: datetime) -> dict[str, Any]:
-    versions = config_snapshot(settings, taxonomy)
+def _plan_params(settings: Settings, target: PlanTarget, max_age: timedelta | None, now: datetime) -> dict[str, Any]:
     cutoff = now - max_age if max_age else datetime(1970, 1, 1, tzinfo=now.tzinfo)
-    return {
-        "model_id": settings.model,
-        "quantization": settings.quantization,
-        "taxonomy_version": versions["taxonomy_version"],
-        "prompt_version": versions["prompt_version"],
-        "cutoff": cutoff,
-        "max_failures": settings.max_attempts,
-    }
+    return {**asdict(target.versions), "cutoff": cutoff, "max_failures": settings.max_attempts}
 
 
 # --- content check ---------------------------------------------------------------------------
@@ -247,6 +242,7 @@ class BackfillOptions:
     poll_s: float = 1.0
     no_cache: bool = False
     retire_missing: bool = False  # items the refreshed catalog no longer lists are retired
+    pin_model: bool = False  # --model given: plan for this process's model, not the workers'
 
     @property
     def use_cache(self) -> bool:
@@ -261,6 +257,8 @@ class DryRun:
     planning_s: float
     content_check: dict[str, int] | None = None
     retired: dict[str, int] | None = None  # {"retired": n, "relisted": m} with --retire-missing
+    planned_against: dict[str, str] | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -285,8 +283,9 @@ def run_backfill(
     refresh: CatalogRefresh | None = None,
     on_progress: Callable[[EnqueueProgress, int], None] | None = None,
 ) -> BackfillSummary | DryRun:
-    """Lock, refresh, plan, enqueue, summarize. Raises LockedError when another backfill runs. A
-    dry run does all of it up to the plan in one transaction that it rolls back: no table changes."""
+    """Lock, refresh, plan, enqueue, wait, summarize: the lock is held for all of it, so a second
+    backfill exits (LockedError) even while this one only waits for its jobs. A dry run does all
+    of it up to the plan in one transaction that it rolls back: no table changes."""
     if options.retire_missing and refresh is None:
         raise ConfigError("--retire-missing needs the whole catalog: --catalog FILE or SKUTAG_BACKFILL_SOURCE_QUERY")
     with backfill_lock(database) as conn:
@@ -300,14 +299,17 @@ def run_backfill(
         content = check_content(conn, settings) if options.check_content else None
         if keep:
             conn.commit()
-        params = _plan_params(settings, taxonomy, options.max_age, ledger.utcnow())
+        target = plan_target(conn, settings, taxonomy, options.pin_model)
+        for warning in target.warnings:
+            log.warning("%s", warning)
+        params = _plan_params(settings, target, options.max_age, ledger.utcnow())
         started = time.perf_counter()
         if options.dry_run:
             counts = count_plan(conn, params)
             conn.rollback()
             return DryRun(
                 counts, estimate_seconds(database, sum(counts.values())), time.perf_counter() - started, content,
-                retired,
+                retired, target.document(), target.warnings,
             )  # fmt: skip
         run_id = ledger.open_run(conn, "backfill")
         resumed = run_id is not None
@@ -317,15 +319,32 @@ def run_backfill(
         ledger.seal_run(conn, run_id)
         conn.commit()
         planning_s = time.perf_counter() - started
-    published, started = 0, time.perf_counter()
-    if publisher is not None:
+        published, started = 0, time.perf_counter()
+        if publisher is not None:
+            published = _publish(database, publisher, run_id, options, on_progress)
+        summary = summarize(database, run_id, planning_s, published, resumed)
+    summary.enqueue_s = round(time.perf_counter() - started, 3)
+    summary.retired, summary.planned_against, summary.warnings = retired, target.document(), target.warnings
+    return summary
+
+
+def _publish(
+    database: Engine,
+    publisher: JobPublisher,
+    run_id: int,
+    options: BackfillOptions,
+    on_progress: Callable[[EnqueueProgress, int], None] | None,
+) -> int:
+    """Enqueue (and wait); a broker outage leaves the run's unpublished jobs queued in the ledger."""
+    try:
         progress = enqueue(database, publisher, run_id, options.max_outstanding, options.wait, poll_s=options.poll_s,
                            on_progress=on_progress)  # fmt: skip
-        published = progress.published
-    summary = summarize(database, run_id, planning_s, published, resumed)
-    summary.enqueue_s = round(time.perf_counter() - started, 3)
-    summary.retired = retired
-    return summary
+    except RetryableError as exc:
+        raise RetryableError(
+            f"{exc.message}. Run {run_id} stays open with its unpublished jobs queued in the ledger (none is "
+            f"lost or running): the next `skutag backfill` continues run {run_id} and publishes them"
+        ) from exc
+    return progress.published
 
 
 def _retire(conn: Connection, listed: int | None, retired_before: int) -> dict[str, int]:

@@ -81,6 +81,8 @@ def backfill(
       15 1 * * *  skutag backfill --catalog /data/catalog.csv --summary /var/log/skutag/last.json"""
     from datetime import timedelta
 
+    from rich.markup import escape
+
     from pipeline.backfill import BackfillOptions, DryRun, catalog_refresh, run_backfill
     from pipeline.catalog import catalog_folder, read_catalog
     from pipeline.metrics import BackfillMetrics, push, serve
@@ -98,6 +100,7 @@ def backfill(
         dry_run=dry_run, check_content=check_content, wait=not no_wait,
         max_age=timedelta(days=max_age_days) if max_age_days else None,
         max_outstanding=settings.backfill_max_outstanding, no_cache=no_cache, retire_missing=retire_missing,
+        pin_model=overrides.get("model") is not None,
     )  # fmt: skip
     publisher = None if dry_run else CeleryPublisher(create_app(settings), settings)
     metrics = BackfillMetrics()
@@ -105,6 +108,8 @@ def backfill(
     result = run_backfill(settings, taxonomy_for(settings), database, publisher, options, refresh,
                           on_progress=_backfill_progress(metrics))  # fmt: skip
     report_bad_rows(bad_rows)
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}", markup=True, highlight=False)
     if pushgateway and not dry_run:
         _push_final(metrics, result, pushgateway, push)
     document = _backfill_document(result)
@@ -150,5 +155,6 @@ def _backfill_document(result: Any) -> dict[str, Any]:
     if isinstance(result, DryRun):
         return {"dry_run": True, "to_retag": result.total, "by_reason": result.by_reason,
                 "estimated_s": result.estimated_s, "planning_s": round(result.planning_s, 3),
-                "content_check": result.content_check, "retired": result.retired}  # fmt: skip
+                "content_check": result.content_check, "retired": result.retired,
+                "planned_against": result.planned_against, "warnings": result.warnings}  # fmt: skip
     return asdict(result)
