@@ -143,7 +143,10 @@ def _isolate(
         _infer(engine, work[middle:], batch, max_attempts, thresholds)
         return
     job, image = work[0]
-    log.error("tagging job %d sku %r failed unexpectedly", job.job_id, job.sku, exc_info=exc)
+    log.error(
+        "tagging job %d sku %r failed unexpectedly", job.job_id, job.sku, exc_info=exc,
+        extra={"run_id": job.run_id, "job_id": job.job_id, "sku": job.sku},
+    )  # fmt: skip
     error = ItemError(code=ErrorCode.INTERNAL_ERROR, message=f"internal error ({type(exc).__name__}); see the log")
     batch.results.append(failed_result(job, error, engine.provenance(job.run_id), image.sha256))
 

@@ -257,7 +257,11 @@ class JobHandler:
         """A bug outside any one item: only the jobs this delivery claimed go back to the queue, at
         once and with the cause (not after their lease, not failed as attempts_exhausted without
         one); their attempt was counted, so a bug that always strikes ends in max_attempts."""
-        log.error("handling %d claimed jobs failed unexpectedly; releasing them", len(claimed), exc_info=exc)
+        log.error(
+            "handling %d claimed jobs failed unexpectedly; releasing them: %s", len(claimed),
+            ", ".join(f"job {job.job_id} sku {job.sku!r}" for job in claimed[:20]), exc_info=exc,
+            extra={"run_id": claimed[0].run_id} if len({job.run_id for job in claimed}) == 1 else {},
+        )  # fmt: skip
         error = ItemError(code=ErrorCode.INTERNAL_ERROR, message=f"internal error ({type(exc).__name__}); see the log")
         retry_until(lease_end, lambda: self._release([(job, error) for job in claimed]), "releasing jobs")
 
