@@ -157,8 +157,7 @@ def _bulk(engine: Any, taxonomy: Any, bulk: int) -> dict[str, Any]:
         skus = queue.matching_skus(conn, queue.QueueFilter(), 2 * bulk)
     first, second = skus[:bulk], skus[bulk : 2 * bulk]
     started = time.perf_counter()
-    with engine.begin() as conn:
-        decided = queue.bulk_accept(conn, queue.unclaimed(conn, first, "bench", now), "bench", now)
+    decided, _ = queue.accept_in_chunks(engine, first, "bench", now)
     bulk_s = time.perf_counter() - started
     decisions = []
     with engine.connect() as conn:

