@@ -65,6 +65,7 @@ class MergedAttribute:
 class MergedTags:
     category: str
     lead: ImageTags  # the image whose category won: the summary's source
+    first: ImageTags  # the SKU's first tagged image: what review decisions and the backfill compare
     attributes: dict[str, MergedAttribute] = field(default_factory=dict)
 
     @property
@@ -96,7 +97,8 @@ class TagMerger:
         if not tagged:
             return None
         category = self._merge_attribute(CATEGORY, tagged, self.taxonomy.category_attribute.value_ids)
-        merged = MergedTags(category=category.tag.value, lead=category.source, attributes={CATEGORY: category})
+        first = min(tagged, key=lambda image: image.position)
+        merged = MergedTags(category.tag.value, lead=category.source, first=first, attributes={CATEGORY: category})
         for attribute in self.taxonomy.attributes_for(merged.category):
             candidates = [image for image in tagged if attribute.name in image.attributes]
             if candidates:

@@ -139,8 +139,7 @@ def _json(value: Any) -> Any:
 
 
 def _store(conn: Connection, sku: str, merged: MergedTags, per_image: Mapping[str, _Latest], now: datetime) -> None:
-    first = min(per_image.values(), key=lambda entry: entry.image.position)
-    anchor = first.image  # the sku's first image: what the backfill and review decisions compare
+    anchor = merged.first  # the sku's first image: what the backfill and review decisions compare
     conn.execute(sa.text("DELETE FROM tags WHERE sku = :sku"), {"sku": sku})
     conn.execute(
         sa.text("""
@@ -198,6 +197,15 @@ def merge_and_check_listings(
     return merged
 
 
+def _as_merged(result: TagResult, merged: MergedTags) -> TagResult:
+    """A multi-image sku's result as its listing is checked: merged tags, on its first image (the
+    image its review tasks are kept for)."""
+    first = merged.first
+    return result.model_copy(
+        update={"attributes": merged.tags, "job_id": first.job_id, "image_sha256": first.image_sha256}
+    )
+
+
 def merge_candidates(batch: Sequence[TagResult], new_results: Sequence[Any]) -> list[str]:
     """Skus with a new, not failed result in this batch: those of them with several images re-merge."""
     new = {row[0] for row in new_results}
@@ -212,10 +220,7 @@ def listing_input(batch: Sequence[TagResult], won: Sequence[Any], merged: dict[s
     for result in batch:
         if result.sku in merged and result.status != "failed":
             current.setdefault(result.sku, result)
-    return [
-        result if sku not in merged else result.model_copy(update={"attributes": merged[sku].tags})
-        for sku, result in current.items()
-    ]
+    return [result if sku not in merged else _as_merged(result, merged[sku]) for sku, result in current.items()]
 
 
 # --- conflicts to review ---------------------------------------------------------------------

@@ -111,6 +111,11 @@ def test_a_three_image_sku_merges_and_flags_a_planted_conflict(engine: Engine, t
     assert _rows(
         engine, "SELECT attribute, reason FROM review_tasks WHERE sku = 'MULTI-1' AND reason = 'conflict'"
     ) == [("pattern", "conflict")]
+    # The title says floral; the merged pattern is a sure striped: a listing issue on the merged
+    # tags, kept on the sku's first image like its review tasks.
+    first_image = f"{jobs['m1-front.jpg'].job_id:064x}"
+    issues = _rows(engine, "SELECT attribute, listed_values, image_value, image_sha256 FROM listing_issues")
+    assert issues == [("pattern", "floral", "striped", first_image)]
     tag_set = _rows(engine, "SELECT status, category, summary, image_uri FROM tag_sets WHERE sku = 'MULTI-1'")
     assert tag_set == [("needs_review", "dress", "from https://img.example.com/m1-front.jpg",
                         "https://img.example.com/m1-front.jpg")]  # fmt: skip
