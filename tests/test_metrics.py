@@ -70,6 +70,24 @@ def test_queue_depth_is_read_from_the_broker_at_scrape_time(broker_url: str) -> 
     assert 'skutag_queue_depth{queue="skutag.write"} 0.0' in text
 
 
+def test_a_publish_after_its_queue_was_deleted_still_arrives(broker_url: str) -> None:
+    """kombu caches declarations per pooled connection, shared by every app in the process; a
+    message to a queue deleted since would vanish on RabbitMQ. skutag declares before each publish."""
+    from kombu import Connection
+
+    from schemas.results import JobSpec
+    from workers.app import CeleryPublisher, create_app, queue_depths
+
+    settings = load_settings(broker_url=broker_url, batch_size=1)
+    jobs = [JobSpec(job_id=i, run_id=1, sku=f"D-{i}", image_uri=f"file:///d/{i}.jpg") for i in range(2)]
+    CeleryPublisher(create_app(settings), settings).publish(jobs, "new")
+    with Connection(broker_url) as connection, connection.channel() as channel:
+        channel.queue_delete("skutag.new")
+    left = queue_depths(settings)["skutag.new"]  # RabbitMQ: 0; kombu's Redis delete keeps the list
+    CeleryPublisher(create_app(settings), settings).publish(jobs, "new")
+    assert queue_depths(settings)["skutag.new"] == left + 2
+
+
 def test_a_scrape_survives_redis_being_down() -> None:
     from workers.app import queue_depths
 

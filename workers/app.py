@@ -104,6 +104,15 @@ def job_message(job: JobSpec) -> dict[str, Any]:
     return {"job_id": job.job_id, "run_id": job.run_id, "sku": job.sku, "image_uri": job.image_uri}
 
 
+def declare_queue(app: Celery, producer: Any, name: str) -> str:
+    """Declare the queue before each publish, not once per connection as kombu would: its cache
+    of declarations lives on the pooled connection (shared by every app in the process), and
+    RabbitMQ silently drops a message sent to a queue deleted since (Redis recreates its lists).
+    One round trip per publish call, which carries many messages."""
+    app.amqp.queues[name].bind(producer.channel).declare()
+    return name
+
+
 class CeleryPublisher:
     """Publishes jobs as messages of up to chunk jobs each, over one connection."""
 
@@ -119,9 +128,10 @@ class CeleryPublisher:
         try:
             # One Redis pipeline for the lot: kombu's publish batch, not a round trip per message.
             with self.app.producer_or_acquire() as producer, producer.batch(max_size=1000):
+                target = declare_queue(self.app, producer, QUEUES.get(queue, queue))
                 for start in range(0, len(jobs), self.chunk):
                     payload = [job_message(job) for job in jobs[start : start + self.chunk]]
-                    self.app.send_task(TAG_TASK, args=[payload], queue=QUEUES.get(queue, queue), producer=producer)
+                    self.app.send_task(TAG_TASK, args=[payload], queue=target, producer=producer)
         except BROKER_ERRORS as exc:
             raise RetryableError(f"broker unreachable at {masked_url(self.broker_url)}: {exc}") from exc
 
@@ -155,7 +165,9 @@ class CelerySink:
     def send_results(self, results: Sequence[TagResult]) -> None:
         payload = [result.model_dump(mode="json") for result in results]
         try:
-            self.app.send_task(WRITE_TASK, args=[payload], queue=QUEUE_WRITE)
+            with self.app.producer_or_acquire() as producer:
+                target = declare_queue(self.app, producer, QUEUE_WRITE)
+                self.app.send_task(WRITE_TASK, args=[payload], queue=target, producer=producer)
         except BROKER_ERRORS as exc:
             raise RetryableError(f"broker unreachable at {masked_url(self.broker_url)}: {exc}") from exc
 
