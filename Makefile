@@ -10,7 +10,7 @@ TORCH_INDEX   ?=
 PYTEST_ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-writer bench-intake bench-submit bench-pipeline bench-backfill bench-gpu bench-memory clean
+.PHONY: help install demo test test-fast lint format bench bench-writer bench-intake bench-submit bench-pipeline bench-backfill bench-gpu bench-memory bench-review clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -48,7 +48,10 @@ format: install ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: bench-writer bench-intake bench-submit bench-pipeline bench-backfill ## every CPU benchmark (results go to docs/benchmarks.md by hand)
+bench: bench-writer bench-intake bench-submit bench-pipeline bench-backfill bench-review ## every CPU benchmark (results go to docs/benchmarks.md by hand)
+
+bench-review: install ## review app: queue page p95 at 1M results / 100k queued, bulk accept of 10k (minutes: seeds Postgres)
+	$(SKUTAG) bench review
 
 bench-writer: install ## writer vs naive per-row insert, into the local Postgres
 	$(SKUTAG) bench writer
