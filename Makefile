@@ -10,7 +10,7 @@ TORCH_INDEX   ?=
 PYTEST_ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-writer bench-intake bench-submit bench-pipeline bench-backfill bench-gpu bench-memory bench-review clean
+.PHONY: help install demo test test-fast lint format bench bench-writer bench-intake bench-submit bench-pipeline bench-backfill bench-engine bench-gpu bench-memory bench-review clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -70,6 +70,9 @@ bench-pipeline: install ## Redis + Celery + Postgres end to end vs a plain in-pr
 
 bench-memory: install ## peak RSS of `skutag run` on 1,000 large images vs 1,000 small ones
 	$(SKUTAG) bench memory
+
+bench-engine: install ## CPU, tiny models (both tokenizers): forward passes per image and images/s
+	$(SKUTAG) bench engine
 
 bench-gpu: install ## the real Qwen3-VL-8B architecture, random weights: int8 / nf4 / bf16 vs the article's way
 	$(SKUTAG) bench gpu

@@ -132,16 +132,29 @@ def _trie(attribute: Attribute, language: Language, encode: Encode, following: s
 
 def summary_vocabulary(token_bytes: Sequence[bytes | None]) -> tuple[list[int], list[int]]:
     """Token ids allowed inside the summary string (no quote, backslash or control byte) and the ids
-    that close it (a quote, optionally followed by the closing brace and whitespace)."""
+    that close it: any allowed text, then the quote, then optionally the closing brace and
+    whitespace (`"`, `."`, `"}`, ` style."}` ...: the model's natural endings, not only a bare quote)."""
     allowed, closers = [], []
     for token_id, raw in enumerate(token_bytes):
         if not raw:
             continue
-        if raw[:1] == b'"' and raw[1:].strip() in {b"", b"}"}:
-            closers.append(token_id)
-        elif not any(byte in b'"\\' or byte < 0x20 or byte == 0x7F for byte in raw):
+        text, quote, rest = raw.partition(b'"')
+        if not _is_string_text(text):
+            continue
+        if not quote:
             allowed.append(token_id)
+        elif rest.strip() in {b"", b"}"}:
+            closers.append(token_id)
     return allowed, closers
+
+
+def summary_text(raw: bytes) -> bytes:
+    """What a summary token adds to the text: everything before a closing quote."""
+    return raw.partition(b'"')[0]
+
+
+def _is_string_text(raw: bytes) -> bool:
+    return not any(byte == 0x5C or byte < 0x20 or byte == 0x7F for byte in raw)
 
 
 def byte_level_token_bytes(vocabulary: dict[str, int], special_ids: set[int], size: int) -> list[bytes | None]:
@@ -180,5 +193,6 @@ __all__ = [
     "byte_level_token_bytes",
     "bytes_to_unicode",
     "forced_walk",
+    "summary_text",
     "summary_vocabulary",
 ]

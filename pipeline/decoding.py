@@ -1,6 +1,16 @@
 """Per-row decoding state: one image's walk through the constrained answer, over the tries of
 constrained.py. A Row holds the tokens it must append next (forced and decided), the choice in
-progress and the tags finished so far; the engine feeds it one decision per forward pass."""
+progress and the tags finished so far; the engine feeds it one decision per forward pass.
+
+Exact per-value confidence. At a choice's branching node the engine gives the probabilities of
+the node's children, renormalized over them. A child leading to one value gives that value's
+probability outright. A child shared by several values (real labels share first tokens: 连衣裙 /
+连体裤 both start with 连) only bounds theirs; its values are scored exactly by teacher-forcing
+their remaining tokens in one batched extra pass, and only where that bound could still put one
+of them first or second. The chosen value is then the most probable allowed value, its
+confidence P(value) / sum of P(allowed values), and the runner-up the second value with its own
+probability, never a whole branch's.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +21,26 @@ from schemas.results import AttributeTag
 from schemas.taxonomy import CATEGORY
 
 
+@dataclass(frozen=True)
+class BranchPoint:
+    """Where a candidate's tokens pass a branching node: the logits at input position `position`
+    are renormalized over `options`, and `token` is the candidate's next token among them."""
+
+    position: int
+    options: tuple[int, ...]
+    token: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One value under a shared branch, to score by teacher forcing: feed `inputs` after the row's
+    current position; P(value | branch) is the product over `points`."""
+
+    value: str
+    inputs: tuple[int, ...]
+    points: tuple[BranchPoint, ...]
+
+
 @dataclass
 class Choice:
     attribute: str
@@ -19,6 +49,37 @@ class Choice:
     confidence: float = 1.0
     runner_up: str | None = None
     runner_up_confidence: float = 0.0
+    masses: dict[str, float] = field(default_factory=dict)  # value -> exact probability, when known
+    paths: dict[str, list[int]] = field(default_factory=dict)  # value -> its tokens from the decision node
+    branch_mass: dict[str, float] = field(default_factory=dict)  # value awaiting a score -> its branch's mass
+
+
+def leaf_paths(node: TrieNode) -> list[tuple[str, list[int]]]:
+    """Every value under node with its tokens from node, in taxonomy order."""
+    found: list[tuple[str, list[int]]] = [(node.value_id, [])] if node.value_id is not None else []
+    for token, child in node.children.items():
+        found += [(value, [token, *rest]) for value, rest in leaf_paths(child)]
+    return found
+
+
+def candidate(node: TrieNode, value: str, path: list[int]) -> Candidate:
+    """Teacher-forcing input for value's path below node: up to its last branching node."""
+    points, current = [], node.children[path[0]]
+    for position, token in enumerate(path[1:]):
+        if len(current.children) > 1:
+            points.append(BranchPoint(position, tuple(current.children), token))
+        current = current.children[token]
+    last = points[-1].position if points else 0
+    return Candidate(value=value, inputs=tuple(path[: last + 1]), points=tuple(points))
+
+
+def branching_nodes(node: TrieNode, path: list[int]) -> int:
+    """How many of path's tokens below node were choices among several (node itself not counted)."""
+    count, current = 0, node.children[path[0]]
+    for token in path[1:]:
+        count += len(current.children) > 1
+        current = current.children[token]
+    return count
 
 
 @dataclass
@@ -26,7 +87,8 @@ class Row:
     """One image's walk through the answer."""
 
     plan: DecodingPlan
-    summary_cap: int
+    summary_cap: int  # most summary tokens (a bound; the cap that counts is summary_chars)
+    summary_chars: int = 0  # the taxonomy's max_chars: characters in the prompt's language
     pending: list[int] = field(default_factory=list)  # to append in the next forward pass
     answer: list[int] = field(default_factory=list)  # every token appended so far, in order
     choice: Choice | None = None
@@ -35,6 +97,7 @@ class Row:
     tags: dict[str, AttributeTag] = field(default_factory=dict)
     in_summary: bool = False
     summary_tokens: list[int] = field(default_factory=list)
+    summary_bytes: bytearray = field(default_factory=bytearray)
     done: bool = False
     decided: int = 0
     forced: int = 0
@@ -53,30 +116,81 @@ class Row:
         assert self.choice is not None
         return list(self.choice.node.children)
 
-    def choose(self, token: int, probabilities: dict[int, float]) -> None:
-        """Take the decided token at a branching node; probabilities are over the node's children."""
+    def decide(self, chances: dict[int, float]) -> list[Candidate]:
+        """Take the probabilities of the branching node's children (renormalized over them). Settles
+        the choice when they suffice; otherwise returns the candidates to score (then: resolve)."""
         choice = self.choice
         assert choice is not None
-        for other, probability in probabilities.items():
-            mass = choice.confidence * probability
-            if other != token and mass > choice.runner_up_confidence:
-                choice.runner_up = choice.node.children[other].first_value
-                choice.runner_up_confidence = mass
-        choice.confidence *= probabilities[token]
-        choice.node = choice.node.children[token]
-        self._append([token])
-        self.decided += 1
+        node, known, shared = choice.node, {}, {}
+        for token, child in node.children.items():
+            paths = leaf_paths(child)
+            for value, rest in paths:
+                choice.paths[value] = [token, *rest]
+            if len(paths) == 1:
+                known[paths[0][0]] = chances[token]
+            else:
+                shared[token] = (chances[token], [value for value, _ in paths])
+        choice.masses = known
+        # A shared branch's mass bounds each of its values: score it only if one could come second.
+        second = sorted(known.values(), reverse=True)[1] if len(known) > 1 else 0.0
+        needed = {value: mass for mass, values in shared.values() if mass > second for value in values}
+        if not needed:
+            self._settle()
+            return []
+        choice.branch_mass = needed
+        return [candidate(node, value, choice.paths[value]) for value in needed]
+
+    def resolve(self, scores: dict[str, float]) -> None:
+        """Each candidate's probability given its branch (the product over its branch points)."""
+        choice = self.choice
+        assert choice is not None
+        for value, mass in choice.branch_mass.items():
+            choice.masses[value] = mass * scores[value]
+        choice.branch_mass = {}
+        self._settle()
+
+    def _settle(self) -> None:
+        """Take the most probable value (taxonomy order breaks ties), the runner-up second."""
+        choice = self.choice
+        assert choice is not None
+        order = list(choice.paths)
+        ranked = sorted(choice.masses.items(), key=lambda item: (-item[1], order.index(item[0])))
+        best, confidence = ranked[0]
+        choice.confidence = confidence
+        if len(ranked) > 1:
+            choice.runner_up, choice.runner_up_confidence = ranked[1]
+        path = choice.paths[best]
+        decided = 1 + branching_nodes(choice.node, path)
+        self.decided += decided
+        self.forced += len(path) - decided
+        self._append(path)
+        node = choice.node
+        for token in path:
+            node = node.children[token]
+        choice.node = node
         self._walk()
 
-    def take_summary_token(self, token: int, closes: bool) -> None:
+    def take_summary_token(self, token: int, text: bytes, closes: bool) -> None:
+        """Take a summary token: text is what it adds before any closing quote; a closing token
+        (`"`, `."`, `"}` ...) ends the summary with no further pass."""
         self.decided += 1
+        self.summary_tokens.append(token)
+        self.summary_bytes += text
+        self.answer.append(token)
         if closes:
             self.done = True
             return
-        self.summary_tokens.append(token)
-        self._append([token])
-        if len(self.summary_tokens) >= self.summary_cap:
-            self.done = True  # the cap: the closing quote is implied, no forward pass needed
+        self.pending.append(token)
+        characters = len(self.summary_bytes.decode("utf-8", errors="ignore"))
+        if len(self.summary_tokens) >= self.summary_cap or 0 < self.summary_chars <= characters:
+            self.done = True  # a cap: the closing quote is implied, no forward pass needed
+
+    @property
+    def summary(self) -> str | None:
+        text = self.summary_bytes.decode("utf-8", errors="ignore").strip()
+        if self.summary_chars:
+            text = text[: self.summary_chars].rstrip()
+        return text or None
 
     def _append(self, tokens: list[int]) -> None:
         self.pending += tokens

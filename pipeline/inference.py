@@ -21,10 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
-
-from pipeline.constrained import build_plan, byte_level_token_bytes, summary_vocabulary
-from pipeline.decoding import Row
+from pipeline.constrained import build_plan, byte_level_token_bytes, summary_text, summary_vocabulary
+from pipeline.decoding import Candidate, Row
 from pipeline.device_images import ImageBatcher
 from pipeline.errors import GpuOutOfMemoryError, InferenceError, ModelError
 from pipeline.model_loading import LoadedModel, load_model
@@ -69,7 +67,8 @@ class BatchStats:
     generated_tokens: int = 0  # answer tokens appended: decided + forced
     decided_tokens: int = 0  # chosen from the model's probabilities
     forced_tokens: int = 0  # keys, quotes, unique value tails: no decision, no extra forward
-    forward_passes: int = 0  # language-model passes: 1 prefill + decode steps
+    forward_passes: int = 0  # language-model passes: 1 prefill + decode steps + scoring passes
+    scoring_passes: int = 0  # extra passes scoring the values of shared branches (exact confidences)
     preprocess_ms: float = 0.0
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
@@ -125,8 +124,9 @@ class TaggingEngine:
     def _summary_setup(self, torch: Any) -> None:
         tokenizer = self.loaded.tokenizer
         vocab_rows = self.loaded.model.lm_head.weight.shape[0]
-        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        self.token_bytes = byte_level_token_bytes(tokenizer.get_vocab(), special, vocab_rows)
+        # Every added token is out of a summary, special or not (<think>, <tool_call>, <|fim_*|>).
+        added = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        self.token_bytes = byte_level_token_bytes(tokenizer.get_vocab(), added, vocab_rows)
         allowed, closers = summary_vocabulary(self.token_bytes)
         if self.settings.summary_max_tokens > 0 and not closers:
             raise ModelError("the tokenizer has no token for a closing quote: cannot end the summary")
@@ -166,8 +166,10 @@ class TaggingEngine:
         stats.vision_ms = clock.lap()
         cache, valid, hidden = self._prefill(vision, len(images))
         stats.prefill_ms = clock.lap()
-        rows = [Row(plan=self.plan, summary_cap=self.settings.summary_max_tokens) for _ in images]
-        stats.forward_passes = 1 + self._decode(rows, cache, valid, hidden)
+        tokens, characters = self.settings.summary_max_tokens, self.taxonomy.summary_max_chars
+        rows = [Row(plan=self.plan, summary_cap=tokens, summary_chars=characters) for _ in images]
+        steps, stats.scoring_passes = self._decode(rows, cache, valid, hidden)
+        stats.forward_passes = 1 + steps + stats.scoring_passes
         stats.decode_ms = clock.lap()
         stats.prompt_tokens = len(images) * (len(self.prefix_ids) + len(self.tail_ids))
         stats.prefilled_tokens = len(images) * len(self.tail_ids)
@@ -232,19 +234,26 @@ class TaggingEngine:
         return cache, valid, output.last_hidden_state[:, -1, :]
 
     # -- decode --
-    def _decode(self, rows: list[Row], cache: Any, valid: Any, hidden: Any) -> int:
+    def _decode(self, rows: list[Row], cache: Any, valid: Any, hidden: Any) -> tuple[int, int]:
+        """Decode every row to its end; returns (decode steps, scoring passes)."""
         import torch
 
         for row in rows:
             row.start()
         positions = torch.full((len(rows),), self._next_position, dtype=torch.long)
-        steps = 0
+        slots = {id(row): index for index, row in enumerate(rows)}
+        steps = scoring = 0
         while True:
             # A row decides when its next token is due at the position just computed; a row still
             # holding forced tokens (say, labels sharing a first token) appends them first.
-            self._decide([(row, hidden[index]) for index, row in enumerate(rows) if row.ready])
+            to_score = self._decide([(row, hidden[index]) for index, row in enumerate(rows) if row.ready])
+            if to_score:
+                self._score(
+                    [(slots[id(row)], row, candidates) for row, candidates in to_score], cache, valid, positions
+                )
+                scoring += 1
             if all(row.done for row in rows):
-                return steps
+                return steps, scoring
             hidden, valid = self._step(rows, cache, valid, positions)
             steps += 1
 
@@ -277,56 +286,98 @@ class TaggingEngine:
         last = (lengths - 1).clamp(min=0).to(device)
         return output.last_hidden_state[torch.arange(len(rows), device=device), last], valid
 
-    def _decide(self, ready: list[tuple[Row, Any]]) -> None:
-        """Turn each ready row's last hidden state into its next token."""
+    def _decide(self, ready: list[tuple[Row, Any]]) -> list[tuple[Row, list[Candidate]]]:
+        """Turn each ready row's last hidden state into its next token; returns the rows whose
+        choice waits on scoring a shared branch, with the candidates to score."""
         import torch
 
         if not ready:
-            return
+            return []
         logits = self.loaded.model.lm_head(torch.stack([hidden for _, hidden in ready])).float()
         choosing = [(row, row_logits) for (row, _), row_logits in zip(ready, logits, strict=True) if not row.in_summary]
         summarizing = [(row, row_logits) for (row, _), row_logits in zip(ready, logits, strict=True) if row.in_summary]
+        to_score = []
         if choosing:
-            self._choose(choosing)
+            chances = restricted_probabilities(
+                torch.stack([row_logits for _, row_logits in choosing]), [row.branch_tokens for row, _ in choosing]
+            )
+            for (row, _), row_chances in zip(choosing, chances, strict=True):
+                candidates = row.decide(row_chances)
+                if candidates:
+                    to_score.append((row, candidates))
         if summarizing:
             masked = torch.stack([row_logits for _, row_logits in summarizing]).masked_fill(
                 ~self.summary_mask, -math.inf
             )
             for (row, _), token in zip(summarizing, masked.argmax(dim=-1).tolist(), strict=True):
-                row.take_summary_token(int(token), int(token) in self.closers)
+                raw = self.token_bytes[int(token)] or b""
+                row.take_summary_token(int(token), summary_text(raw), int(token) in self.closers)
+        return to_score
 
-    def _choose(self, choosing: list[tuple[Row, Any]]) -> None:
-        """At a branching node: softmax over the node's children only, the best child taken."""
+    def _score(self, requests: list[tuple[int, Row, list[Candidate]]], cache: Any, valid: Any, positions: Any) -> None:
+        """One extra forward pass teacher-forcing every candidate's tokens on a copy of its row's
+        cache (the copy is dropped); each candidate's probability given its branch is the product of
+        its renormalized probabilities at the branching nodes it passes."""
         import torch
+        from transformers import DynamicCache
 
-        options = [row.branch_tokens for row, _ in choosing]
-        width = max(len(option) for option in options)
-        index = torch.zeros((len(choosing), width), dtype=torch.long)
-        present = torch.zeros((len(choosing), width), dtype=torch.bool)
-        for r, option in enumerate(options):
-            index[r, : len(option)] = torch.tensor(option)
-            present[r, : len(option)] = True
-        stacked = torch.stack([row_logits for _, row_logits in choosing])
-        picked = stacked.gather(1, index.to(stacked.device))
-        probabilities = torch.softmax(picked.masked_fill(~present.to(stacked.device), -math.inf), dim=-1).cpu().numpy()
-        for (row, _), option, chances_row in zip(choosing, options, probabilities, strict=True):
-            chances = {token: float(chances_row[j]) for j, token in enumerate(option)}
-            row.choose(option[int(np.argmax(chances_row[: len(option)]))], chances)
+        device = self.loaded.device
+        flat = [(slot, row, candidate) for slot, row, candidates in requests for candidate in candidates]
+        slots = torch.tensor([slot for slot, _, _ in flat], device=device)
+        width = max(len(candidate.inputs) for _, _, candidate in flat)
+        ids = torch.full((len(flat), width), self.pad_id, dtype=torch.long)
+        chunk_valid = torch.zeros((len(flat), width), dtype=torch.bool)
+        for index, (_, _, candidate) in enumerate(flat):
+            ids[index, : len(candidate.inputs)] = torch.tensor(candidate.inputs, dtype=torch.long)
+            chunk_valid[index, : len(candidate.inputs)] = True
+        copy = DynamicCache(ddp_cache_data=[(layer.keys[slots], layer.values[slots]) for layer in cache.layers])
+        mask, _ = _attention_mask(valid[slots], chunk_valid.to(device))
+        text_positions = positions[slots.cpu()][:, None] + torch.arange(width)[None, :]
+        output = self.loaded.model.model.language_model(
+            input_ids=ids.to(device),
+            attention_mask=mask,
+            position_ids=text_positions.to(device)[None].expand(3, -1, -1),
+            cache=copy,
+            use_cache=True,
+        )
+        where = [(index, point) for index, (_, _, candidate) in enumerate(flat) for point in candidate.points]
+        rows_at = torch.tensor([index for index, _ in where], device=device)
+        columns_at = torch.tensor([point.position for _, point in where], device=device)
+        logits = self.loaded.model.lm_head(output.last_hidden_state[rows_at, columns_at]).float()
+        chances = restricted_probabilities(logits, [list(point.options) for _, point in where])
+        scores = [1.0] * len(flat)
+        for (index, point), point_chances in zip(where, chances, strict=True):
+            scores[index] *= point_chances[point.token]
+        by_row: dict[int, dict[str, float]] = {}
+        for (_, row, candidate), score in zip(flat, scores, strict=True):
+            by_row.setdefault(id(row), {})[candidate.value] = score
+        for _, row, _ in requests:
+            row.resolve(by_row[id(row)])
 
     def _item_tags(self, row: Row, share: dict[str, float]) -> ItemTags:
-        summary = None
-        if row.summary_tokens:
-            raw = b"".join(self.token_bytes[t] or b"" for t in row.summary_tokens)
-            text = raw.decode("utf-8", errors="ignore").strip()
-            summary = text[: self.taxonomy.summary_max_chars].rstrip() or None
         review = [name for name, tag in row.tags.items() if tag.confidence < self.settings.threshold_for(name)]
         return ItemTags(
             attributes=dict(row.tags),
-            summary=summary,
+            summary=row.summary,
             review_attributes=review,
             timings_ms=share,
             answer_ids=tuple(row.answer),
         )
+
+
+def restricted_probabilities(logits: Any, options: list[list[int]]) -> list[dict[int, float]]:
+    """Softmax of each row's logits over its own allowed tokens only: {token: probability}."""
+    import torch
+
+    width = max(len(option) for option in options)
+    index = torch.zeros((len(options), width), dtype=torch.long)
+    present = torch.zeros((len(options), width), dtype=torch.bool)
+    for row, option in enumerate(options):
+        index[row, : len(option)] = torch.tensor(option)
+        present[row, : len(option)] = True
+    picked = logits.gather(1, index.to(logits.device))
+    probabilities = torch.softmax(picked.masked_fill(~present.to(logits.device), -math.inf), dim=-1).cpu().tolist()
+    return [{token: probabilities[row][j] for j, token in enumerate(option)} for row, option in enumerate(options)]
 
 
 def _attention_mask(valid: Any, chunk_valid: Any) -> tuple[Any, Any]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pipeline.settings import Settings
-from schemas.taxonomy import CATEGORY, Taxonomy
+from schemas.taxonomy import CATEGORY, NOT_VISIBLE, Taxonomy
 
 DEFAULT_MIN_CONFIDENCE = 0.8
 DEFAULT_IGNORED_ATTRIBUTES = ("style", "season")
@@ -117,6 +117,8 @@ class Vocabulary:
     def from_taxonomy(cls, taxonomy: Taxonomy) -> Vocabulary:
         terms: dict[str, set[Choice]] = {}
         for attribute, value, en, zh, synonyms in taxonomy.value_rows():
+            if value == NOT_VISIBLE:  # "not visible" is no claim a listing makes
+                continue
             for term in _terms(en, zh, synonyms):
                 terms.setdefault(term, set()).add((attribute, value))
         vocabulary = {term: frozenset(choices) for term, choices in terms.items()}
@@ -250,6 +252,8 @@ def _contradiction(
 ) -> ListingIssue | None:
     tag = tags.get(attribute)
     if attribute in policy.ignored_attributes or tag is None or tag.confidence < policy.min_confidence:
+        return None
+    if tag.value == NOT_VISIBLE:  # the photo does not show it: nothing to contradict
         return None
     listed = {value for claim in claims for value in claim.values_for(attribute)}
     if tag.value in listed or any(_held_elsewhere(claim, attribute, tags) for claim in claims):

@@ -48,7 +48,7 @@ def _dtypes(quantization: str, device: Any) -> tuple[Any, Any]:
     """(weights dtype, compute dtype) for a quantization on a device."""
     import torch
 
-    if quantization == "fp32" or (device.type == "cpu" and quantization in {"int8", "nf4"}):
+    if quantization == "fp32" or (device.type == "cpu" and quantization in {"int8", "nf4", "int8-torchao"}):
         return torch.float32, torch.float32
     half = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     named = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,6 +58,8 @@ def _dtypes(quantization: str, device: Any) -> tuple[Any, Any]:
 def quantization_config(quantization: str, skip_modules: list[str], compute_dtype: Any) -> Any:
     from transformers import BitsAndBytesConfig
 
+    if quantization == "int8-torchao":
+        return torchao_int8_config(skip_modules)
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
     if quantization == "nf4":
@@ -68,6 +70,19 @@ def quantization_config(quantization: str, skip_modules: list[str], compute_dtyp
             llm_int8_skip_modules=skip_modules,
         )
     return None
+
+
+def torchao_int8_config(skip_modules: list[str]) -> Any:
+    """torchao's int8 weight-only: int8 weights dequantized inside the matmul kernel, the activations
+    in bf16. Unlike LLM.int8 there is no outlier decomposition on every matmul, which is what makes
+    bitsandbytes' int8 slower than bf16 per token; the memory saving is the same (about 9 GB)."""
+    from transformers import TorchAoConfig
+
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+    except ImportError as exc:
+        raise ModelError("quantization int8-torchao needs the torchao package: pip install torchao") from exc
+    return TorchAoConfig(quant_type=Int8WeightOnlyConfig(), modules_to_not_convert=list(skip_modules))
 
 
 def load_model(settings: Settings) -> LoadedModel:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from schemas.taxonomy import CATEGORY, SUMMARY, Attribute, Language, Taxonomy
 
-TEMPLATE_REVISION = "2026-11-26.1"  # bump when the wording below changes
+TEMPLATE_REVISION = "2026-12-04.1"  # bump when the wording below changes
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
@@ -31,10 +31,13 @@ _TEXT = {
             'Tag the product in the photo. Answer with one JSON object: "category" first, then the '
             'attributes listed for that category in the order given, then "summary".'
         ),
+        "task_without_summary": (
+            'Tag the product in the photo. Answer with one JSON object: "category" first, then the '
+            "attributes listed for that category in the order given."
+        ),
         "categories": "category, one of",
-        "global": "Attributes asked for every category, in this order",
-        "per_category": "Then, for each category, its own attributes in this order",
-        "values": "Allowed values",
+        "global": "Attributes asked for every category, in this order, with their allowed values",
+        "per_category": "Then each category's own attributes, in this order, with the values allowed for it",
         "none": "(no further attributes)",
         "summary": (
             "summary: one sentence describing the product's cut, color, neckline, sleeve length and "
@@ -47,10 +50,12 @@ _TEXT = {
         "task": (
             '请为图片中的商品打标签。只输出一个JSON对象：先写"category"，再按顺序写该品类对应的属性，最后写"summary"。'
         ),
+        "task_without_summary": (
+            '请为图片中的商品打标签。只输出一个JSON对象：先写"category"，再按顺序写该品类对应的属性。'
+        ),
         "categories": "category（品类），取值之一",
-        "global": "所有品类都要回答的属性，按此顺序",
-        "per_category": "然后，每个品类自己的属性，按此顺序",
-        "values": "允许的取值",
+        "global": "所有品类都要回答的属性（按此顺序）及其允许的取值",
+        "per_category": "然后是每个品类自己的属性（按此顺序）及该品类允许的取值",
         "none": "（没有其他属性）",
         "summary": (
             "summary：请根据图片描述服装的款式、颜色、领型、袖长和风格特点，用一句话概括，不超过{max_chars}个字。"
@@ -75,19 +80,28 @@ def _values(attribute: Attribute, language: Language) -> str:
 
 
 def instructions(taxonomy: Taxonomy, language: Language, summary_chars: int | None) -> str:
+    """The task, then every value list the model may answer from: a category's own attributes are
+    listed with that category's subset (a T-shirt's necklines, not every neckline), so a value the
+    model would prefer is never masked without the prompt having said so."""
     text = _TEXT[language]
-    lines = [text["task"], "", f"{text['categories']}: {_values(taxonomy.category_attribute, language)}", ""]
-    lines.append(f"{text['global']}: " + ", ".join(a.name for a in taxonomy.global_attributes))
-    lines.append(f"{text['per_category']}:")
+    task = text["task"] if summary_chars else text["task_without_summary"]
+    lines = [task, "", f"{text['categories']}: {_values(taxonomy.category_attribute, language)}", ""]
+    lines.append(f"{text['global']}:")
+    lines += [f"- {_attribute_line(attribute, language)}" for attribute in taxonomy.global_attributes]
+    lines += ["", f"{text['per_category']}:"]
     for category in taxonomy.categories.values():
-        own = ", ".join(a.name for a in category.attributes) or text["none"]
-        lines.append(f"- {category.value.label(language)}: {own}")
-    lines += ["", f"{text['values']}:"]
-    for attribute in taxonomy.attributes.values():
-        lines.append(f"- {attribute.name} ({attribute.label(language)}): {_values(attribute, language)}")
+        if not category.attributes:
+            lines.append(f"- {category.value.label(language)}: {text['none']}")
+            continue
+        lines.append(f"- {category.value.label(language)}:")
+        lines += [f"  - {_attribute_line(attribute, language)}" for attribute in category.attributes]
     if summary_chars:
         lines += ["", text["summary"].format(max_chars=summary_chars)]
     return "\n".join(lines)
+
+
+def _attribute_line(attribute: Attribute, language: Language) -> str:
+    return f"{attribute.name} ({attribute.label(language)}): {_values(attribute, language)}"
 
 
 def build_prompt(taxonomy: Taxonomy, language: Language, summary_max_tokens: int) -> PromptText:

@@ -23,7 +23,7 @@ from pipeline.errors import ConfigError
 if TYPE_CHECKING:
     from schemas.taxonomy import Taxonomy
 
-Quantization = Literal["int8", "nf4", "bf16", "fp16", "fp32"]
+Quantization = Literal["int8", "int8-torchao", "nf4", "bf16", "fp16", "fp32"]
 ImageFit = Literal["crop", "pad"]
 PromptLanguage = Literal["en", "zh"]
 
@@ -68,7 +68,11 @@ class Settings(BaseSettings):
     # --- taxonomy and prompts -------------------------------------------------------------
     taxonomy_path: Path | None = Field(None, description="Your own taxonomy file; the packaged one if unset.")
     prompt_language: PromptLanguage = "en"
-    summary_max_tokens: int = Field(40, ge=0, le=256, description="0 turns the summary off.")
+    summary_max_tokens: int = Field(
+        160, ge=0, le=256,
+        description="0 turns the summary off; otherwise a bound on its tokens. The length cap that counts is the "
+        "taxonomy's summary max_chars, in characters of the prompt's language.",
+    )  # fmt: skip
     confidence_threshold: float = Field(0.5, ge=0.0, le=1.0)
     attribute_thresholds: Annotated[dict[str, float], NoDecode] = Field(
         default_factory=dict,

@@ -26,6 +26,10 @@ from pipeline.errors import ConfigError
 CATEGORY = "category"
 SUMMARY = "summary"
 RESERVED_NAMES = frozenset({CATEGORY, SUMMARY})
+# The answer for a detail the photo does not show (a neckline under a coat, the heel of a shoe seen
+# from above). VLMs guess badly here; an explicit value keeps a forced guess from reading as a tag.
+NOT_VISIBLE = "not_visible"
+NOT_VISIBLE_LABELS = {"en": "not visible", "zh": "看不出"}
 Language = Literal["en", "zh"]
 
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
@@ -57,6 +61,9 @@ class AttributeSpec(_Strict):
     label: LabelSpec
     values: list[ValueSpec] = Field(default_factory=list)
     values_from: Slug | None = None
+    # Adds the value `not_visible`. Unset: on for per-category attributes (details a photo may hide),
+    # off for global ones (every photo shows a color and a pattern).
+    not_visible: bool | None = None
 
 
 class CategorySpec(_Strict):
@@ -245,7 +252,7 @@ def _cross_reference_problems(spec: TaxonomyFile) -> Iterable[tuple[str, str]]:
         elif not attribute.values and attribute.values_from is None:
             yield where, "has no values"
         else:
-            yield from _duplicate_problems(where, _own_and_inherited(spec, name))
+            yield from _value_problems(spec, where, name)
     yield from _duplicate_problems("categories", [category_value(c) for c in spec.categories])
     for name in spec.views.prefer:
         if name != CATEGORY and name not in spec.attributes:
@@ -255,6 +262,16 @@ def _cross_reference_problems(spec: TaxonomyFile) -> Iterable[tuple[str, str]]:
             yield f"global_attributes[{index}]", f"unknown attribute {name!r}"
     for index, category in enumerate(spec.categories):
         yield from _category_problems(spec, f"categories[{index}]", category)
+
+
+def _value_problems(spec: TaxonomyFile, where: str, name: str) -> Iterable[tuple[str, str]]:
+    own = _own_and_inherited(spec, name)
+    if any(value.id == NOT_VISIBLE for value in own):
+        yield where, f"{NOT_VISIBLE!r} is reserved: set `not_visible: true` on the attribute instead"
+    elif has_not_visible(spec, name):
+        yield from _duplicate_problems(where, [*own, _not_visible_spec()])
+    else:
+        yield from _duplicate_problems(where, own)
 
 
 def _category_problems(spec: TaxonomyFile, where: str, category: CategorySpec) -> Iterable[tuple[str, str]]:
@@ -308,6 +325,18 @@ def _own_and_inherited(spec: TaxonomyFile, name: str) -> list[ValueSpec]:
     return [*attribute.values, *inherited]
 
 
+def has_not_visible(spec: TaxonomyFile, name: str) -> bool:
+    """Whether attribute name offers `not_visible` (its own setting, else: per-category ones do)."""
+    setting = spec.attributes[name].not_visible
+    return setting if setting is not None else name not in spec.global_attributes
+
+
+def _not_visible_spec() -> ValueSpec:
+    return ValueSpec(
+        id=NOT_VISIBLE, en=NOT_VISIBLE_LABELS["en"], zh=NOT_VISIBLE_LABELS["zh"], synonyms=["not shown", "不可见"]
+    )
+
+
 def _to_value(spec: ValueSpec) -> Value:
     return Value(id=spec.id, en=spec.en, zh=spec.zh, synonyms=tuple(spec.synonyms))
 
@@ -318,7 +347,13 @@ def _resolve(spec: TaxonomyFile, source: str) -> Taxonomy:
             name=name,
             en=attribute.label.en,
             zh=attribute.label.zh,
-            values=tuple(_to_value(value) for value in _own_and_inherited(spec, name)),
+            values=tuple(
+                _to_value(value)
+                for value in [
+                    *_own_and_inherited(spec, name),
+                    *([_not_visible_spec()] if has_not_visible(spec, name) else []),
+                ]
+            ),
         )
         for name, attribute in spec.attributes.items()
     }
@@ -354,7 +389,7 @@ def _narrow(attributes: Mapping[str, Attribute], entry: str | dict[str, list[str
     attribute = attributes[name]
     if subset is None:
         return attribute
-    wanted = set(subset)
+    wanted = set(subset) | {NOT_VISIBLE}  # a narrowed attribute keeps not_visible where it has it
     return Attribute(
         name=name,
         en=attribute.en,
@@ -367,5 +402,8 @@ def taxonomy_version(spec: TaxonomyFile) -> str:
     """A hash of the normalized content: key order and YAML formatting do not change it. View
     preferences are left out: they change how a SKU's images are merged, not what the model is
     asked, so editing them re-merges without re-tagging."""
-    canonical = json.dumps(spec.model_dump(mode="json", exclude={"views"}), sort_keys=True, ensure_ascii=False)
+    # The resolved not_visible values count too: the default can add them without a word in the file.
+    not_visible = sorted(name for name in spec.attributes if has_not_visible(spec, name))
+    document = {"spec": spec.model_dump(mode="json", exclude={"views"}), "not_visible": not_visible}
+    canonical = json.dumps(document, sort_keys=True, ensure_ascii=False)
     return "tx-" + hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -22,7 +22,7 @@ from pipeline.migrate import upgrade
 from pipeline.settings import Settings, load_settings
 from schemas.images import PreparedImage
 from schemas.results import AttributeTag, JobSpec, Provenance, TagResult
-from schemas.taxonomy import CATEGORY, Taxonomy, default_taxonomy
+from schemas.taxonomy import CATEGORY, NOT_VISIBLE, Taxonomy, default_taxonomy
 from tests.rabbitmq import RabbitMQServer, rabbitmq_installed
 
 POSTGRES_URL = os.environ.get("SKUTAG_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
@@ -214,7 +214,8 @@ def make_result(
     category = category or rng.choice(sorted(taxonomy.categories))
     attributes = {CATEGORY: AttributeTag(value=category, confidence=round(rng.uniform(0.5, 1.0), 4))}
     for attribute in taxonomy.attributes_for(category):
-        value, runner_up = rng.sample([v.id for v in attribute.values], 2)
+        # Visible values only: a test about not_visible sets it on purpose.
+        value, runner_up = rng.sample([v.id for v in attribute.values if v.id != NOT_VISIBLE], 2)
         attributes[attribute.name] = AttributeTag(
             # At or above the default threshold (0.5): the writer routes by confidence, so a result
             # made 'tagged' must be one the default thresholds leave alone.

@@ -78,14 +78,19 @@ def trie_values(node: Any) -> list[str]:
 
 
 def decide(plan: DecodingPlan, category: str, attribute: str, value: str) -> dict[str, str]:
-    """Run a row through the answer, steering toward category and toward value at attribute."""
+    """Run a row through the answer with all probability on category and, at attribute, on value
+    (elsewhere on the first option); scoring requests get the same certainty."""
     row = Row(plan=plan, summary_cap=0)
     row.start()
     while row.choice is not None:
-        target = value if row.choice.attribute == attribute else category if row.choice.attribute == CATEGORY else None
+        name = row.choice.attribute
+        target = value if name == attribute else category if name == CATEGORY else None
         options = row.branch_tokens
-        token = options[0] if target is None else next(t for t in options if target in subtree(row.choice.node, t))
-        row.choose(token, dict.fromkeys(options, 1 / len(options)))
+        chosen = options[0] if target is None else next(t for t in options if target in subtree(row.choice.node, t))
+        candidates = row.decide({token: float(token == chosen) for token in options})
+        if candidates:
+            wanted = target or candidates[0].value
+            row.resolve({c.value: float(c.value == wanted) for c in candidates})
     return {name: tag.value for name, tag in row.tags.items()}
 
 

@@ -60,7 +60,8 @@ def test_category_specific_attributes_and_subsets() -> None:
     taxonomy = default_taxonomy()
     shoe = {a.name: a for a in taxonomy.attributes_for("shoes")}
     assert "neckline" not in shoe
-    assert shoe["closure"].value_ids == {"lace_up", "slip_on", "buckle", "hook_and_loop", "zipper"}
+    # The narrowed subset, plus not_visible (on by default for per-category attributes).
+    assert shoe["closure"].value_ids == {"lace_up", "slip_on", "buckle", "hook_and_loop", "zipper", "not_visible"}
     assert {v.id for v in taxonomy.attributes["secondary_color"].values} == {"none"} | {
         v.id for v in taxonomy.attributes["primary_color"].values
     }

@@ -16,6 +16,7 @@ import gc
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.errors import ModelError
+from pipeline.gpu_memory import engine_batch_size
 from pipeline.inference import TaggingEngine, load_model
 from pipeline.prompts import image_placeholder
 from pipeline.settings import load_settings
@@ -91,34 +94,52 @@ def _peak_gib(device: Any) -> float | None:
 
 
 def measure_engine(
-    model_dir: Path, quantization: str, batch_sizes: list[int], batches: int, summary_tokens: int, device: str
-) -> list[dict[str, Any]]:
+    model_dir: Path,
+    quantization: str,
+    batch_sizes: list[int | str],
+    batches: int,
+    summary_tokens: int,
+    device: str,
+    on_row: Callable[[dict[str, Any]], None],
+) -> None:
+    """One row per (batch size, summary on / off), each handed to on_row as soon as it is measured."""
     settings = load_settings(
         model=str(model_dir), quantization=quantization, device=device, summary_max_tokens=summary_tokens
     )
     loaded = load_model(settings)
-    engine = TaggingEngine(loaded, default_taxonomy(), settings)
-    rows = []
-    for size in batch_sizes:
-        images = _images(size)
-        engine.tag(images)  # warm-up: kernels, allocator, the cached prefix
-        _peak_reset(loaded.device)
-        seconds, stats = [], None
-        for _ in range(batches):
-            started = time.perf_counter()
-            _, stats = engine.tag(images)
-            seconds.append(time.perf_counter() - started)
-        assert stats is not None
-        rows.append({
-            "path": f"skutag {quantization}", "batch": size, "images_per_s": size / statistics.median(seconds),
-            "peak_gib": _peak_gib(loaded.device), "forward_passes": stats.forward_passes,
-            "generated_tokens_per_image": stats.generated_tokens / size,
-            "decided_per_image": stats.decided_tokens / size,
-            **{k: v / size for k, v in stats.timings().items()},
-        })  # fmt: skip
-    del engine, loaded
+    engines = {True: TaggingEngine(loaded, default_taxonomy(), settings)}
+    off = settings.model_copy(update={"summary_max_tokens": 0})
+    engines[False] = TaggingEngine(loaded, default_taxonomy(), off)
+    for requested in batch_sizes:
+        if requested == "auto" and loaded.device.type != "cuda":
+            continue  # auto reads the free GPU memory; a CPU run (--tiny) measures the fixed sizes
+        size = engine_batch_size(engines[True]) if requested == "auto" else int(requested)
+        for summary, engine in engines.items():
+            on_row(_measure(engine, quantization, size, batches, summary, auto=requested == "auto"))
+    del engines, loaded
     _free()
-    return rows
+
+
+def _measure(
+    engine: TaggingEngine, quantization: str, size: int, batches: int, summary: bool, auto: bool
+) -> dict[str, Any]:
+    images = _images(size)
+    engine.tag(images)  # warm-up: kernels, allocator, the cached prefix
+    _peak_reset(engine.loaded.device)
+    seconds, stats = [], None
+    for _ in range(batches):
+        started = time.perf_counter()
+        _, stats = engine.tag(images)
+        seconds.append(time.perf_counter() - started)
+    assert stats is not None
+    return {
+        "path": f"skutag {quantization}", "batch": f"{size} (auto)" if auto else size, "summary": summary,
+        "images_per_s": size / statistics.median(seconds), "peak_gib": _peak_gib(engine.loaded.device),
+        "forward_passes": stats.forward_passes, "forward_passes_per_image": stats.forward_passes / size,
+        "scoring_passes": stats.scoring_passes, "generated_tokens_per_image": stats.generated_tokens / size,
+        "decided_per_image": stats.decided_tokens / size,
+        **{k: v / size for k, v in stats.timings().items()},
+    }  # fmt: skip
 
 
 def measure_article_way(model_dir: Path, images: int, new_tokens: int, device: str) -> dict[str, Any]:
@@ -157,20 +178,33 @@ def measure_article_way(model_dir: Path, images: int, new_tokens: int, device: s
 def run(
     work_dir: Path,
     tiny: bool = False,
-    quantizations: tuple[str, ...] = ("int8", "nf4", "bf16"),
-    batch_sizes: tuple[int, ...] = (1, 8, 32, 64),
+    quantizations: tuple[str, ...] = ("bf16", "int8-torchao", "int8", "nf4"),
+    batch_sizes: tuple[int | str, ...] = ("auto", 32, 8, 1),
     batches: int = 3,
     summary_tokens: int = 40,
     baseline_tokens: int = 90,
     baseline_images: int = 6,
     console: Console | None = None,
+    output: Path | None = None,
 ) -> dict[str, Any]:
+    """Every row goes to output (JSON, rewritten) the moment it is measured, so a run stopped by its
+    time budget keeps what it measured; the most telling rows come first (bf16 and the two INT8s at
+    the largest batch that fits)."""
     import torch
 
     console = console or Console()
     started = time.perf_counter()
     device = "cpu" if tiny or not torch.cuda.is_available() else "cuda"
     card = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (tiny model)"
+    summary: dict[str, Any] = {"card": card, "seconds": 0.0, "rows": []}
+
+    def keep(row: dict[str, Any]) -> None:
+        summary["rows"].append(row)
+        summary["seconds"] = time.perf_counter() - started
+        if output:
+            output.write_text(json.dumps(summary, indent=2))
+        console.print(json.dumps(row))
+
     model_dir = work_dir / ("tiny-model" if tiny else "qwen3-vl-8b-random")
     if not (model_dir / "config.json").exists():
         console.print(f"building {'the tiny model' if tiny else 'Qwen3-VL-8B with random weights'} in {model_dir}")
@@ -181,13 +215,15 @@ def run(
         else:
             build_random_8b(model_dir, device)
     console.print(f"checkpoint ready after {time.perf_counter() - started:.0f} s; card: {card}")
-    rows = [measure_article_way(model_dir, baseline_images, baseline_tokens, device)]
-    console.print(f"baseline done after {time.perf_counter() - started:.0f} s")
+    keep(measure_article_way(model_dir, baseline_images, baseline_tokens, device))
     for quantization in quantizations:
-        rows += measure_engine(model_dir, quantization, list(batch_sizes), batches, summary_tokens, device)
+        try:
+            measure_engine(model_dir, quantization, list(batch_sizes), batches, summary_tokens, device, keep)
+        except ModelError as exc:  # a missing package (torchao, bitsandbytes) costs its rows, not the run
+            keep({"path": f"skutag {quantization}", "error": str(exc)})
         console.print(f"{quantization} done after {time.perf_counter() - started:.0f} s")
-    _print(console, rows, card)
-    return {"card": card, "seconds": time.perf_counter() - started, "rows": rows}
+    _print(console, [row for row in summary["rows"] if "error" not in row], card)
+    return summary
 
 
 def _print(console: Console, rows: list[dict[str, Any]], card: str) -> None:
@@ -199,7 +235,8 @@ def _print(console: Console, rows: list[dict[str, Any]], card: str) -> None:
         "img/s",
         "vs article",
         "peak GiB",
-        "passes/batch",
+        "summary",
+        "passes/img",
         "tokens/img",
         "vision ms/img",
         "prefill ms/img",
@@ -211,7 +248,9 @@ def _print(console: Console, rows: list[dict[str, Any]], card: str) -> None:
         table.add_row(
             row["path"], str(row["batch"]), f"{row['images_per_s']:.2f}",
             f"{row['images_per_s'] / baseline:.1f}x", peak,
-            str(row["forward_passes"]), f"{row['generated_tokens_per_image']:.0f}",
+            "on" if row.get("summary", True) else "off",
+            f"{row.get('forward_passes_per_image', row['forward_passes']):.2f}",
+            f"{row['generated_tokens_per_image']:.0f}",
             f"{row.get('vision_ms', 0):.1f}", f"{row.get('prefill_ms', 0):.1f}", f"{row.get('decode_ms', 0):.1f}",
         )  # fmt: skip
     console.print(table)

@@ -52,23 +52,50 @@ def bench_intake(repeats: int, threads: int) -> None:
     show_default=True,
     help="Where the random checkpoint is written (about 17 GB for the 8B).",
 )
-@click.option("--quantizations", default="int8,nf4,bf16", show_default=True)
-@click.option("--batch-sizes", default="1,8,32,64", show_default=True)
-@click.option("--output", type=OutputPath(), help="Also write the figures as JSON.")
-def bench_gpu(tiny: bool, work_dir: Path, quantizations: str, batch_sizes: str, output: Path | None) -> None:
-    """Qwen3-VL-8B architecture, random weights: images/s and peak GPU memory for int8 / nf4 / bf16 at
-    several batch sizes vs the article's way (one image at a time, free-form generate, fp16)."""
+@click.option("--quantizations", default="bf16,int8-torchao,int8,nf4", show_default=True)
+@click.option(
+    "--batch-sizes", default="auto,32,8,1", show_default=True, help="auto: the largest batch the free GPU memory holds."
+)
+@click.option(
+    "--summary-tokens", default=40, show_default=True, help="The summary's token bound (rows run on and off)."
+)
+@click.option("--output", type=OutputPath(), help="Also write the figures as JSON, rewritten after every row.")
+def bench_gpu(
+    tiny: bool, work_dir: Path, quantizations: str, batch_sizes: str, summary_tokens: int, output: Path | None
+) -> None:
+    """Qwen3-VL-8B architecture, random weights: images/s, peak GPU memory and forward passes per image
+    for bf16 / int8-torchao / int8 (bitsandbytes) / nf4, summary on and off, at several batch sizes vs
+    the article's way (one image at a time, free-form generate, fp16). Each row is written as measured."""
     from pipeline.bench import gpu
 
+    sizes: tuple[int | str, ...] = tuple(b.strip() if b.strip() == "auto" else int(b) for b in batch_sizes.split(","))
     summary = gpu.run(
         work_dir,
         tiny=tiny,
         quantizations=tuple(q.strip() for q in quantizations.split(",") if q.strip()),
-        batch_sizes=tuple(int(b) for b in batch_sizes.split(",")),
+        batch_sizes=sizes,
+        summary_tokens=summary_tokens,
+        output=output,
     )
-    if output:
-        output.write_text(json.dumps(summary, indent=2))
     click.echo(json.dumps(summary))
+
+
+@bench.command("engine")
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".skutag/bench-engine"),
+    show_default=True,
+    help="Where the two tiny models are built (once).",
+)
+@click.option("--images", default=16, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+def bench_engine(work_dir: Path, images: int, batch_size: int) -> None:
+    """CPU, tiny models, both tokenizers, en/zh, summary on/off: forward passes per image (scoring
+    passes apart), answer tokens per image (what one pass per token would cost) and images/s."""
+    from pipeline.bench import engine as engine_bench
+
+    engine_bench.run(work_dir, images=images, batch=batch_size, on_row=lambda row: click.echo(json.dumps(row)))
 
 
 @bench.command("pipeline")

@@ -51,7 +51,7 @@ def model_options(command: Any) -> Any:
     """--model / --quantization / --device / --language, shared by every command that loads the model."""
     options = [
         click.option("--model", help="Hub id or local directory (SKUTAG_MODEL; default Qwen/Qwen3-VL-8B-Instruct)."),
-        click.option("--quantization", type=click.Choice(["int8", "nf4", "bf16", "fp16", "fp32"]),
+        click.option("--quantization", type=click.Choice(["int8", "int8-torchao", "nf4", "bf16", "fp16", "fp32"]),
                      help="SKUTAG_QUANTIZATION (default int8)."),
         click.option("--device", help="auto, cpu, cuda or cuda:N (SKUTAG_DEVICE)."),
         click.option("--language", "prompt_language", type=click.Choice(["en", "zh"]),
