@@ -4,6 +4,7 @@ code, in intake alone, in a worker's JobHandler, in local mode (`skutag run`) an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -65,6 +66,10 @@ def png_bytes(side: int = 64) -> bytes:
 def root(tmp_path: Path) -> Path:
     images = tmp_path / "images"
     images.mkdir()
+    return populate(images)
+
+
+def populate(images: Path) -> Path:
     (images / "good.png").write_bytes(png_bytes())
     (images / "folder.jpg").mkdir()
     for index, body in enumerate(TINY_BODIES):
@@ -147,14 +152,22 @@ class OddServer(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
-@pytest.fixture
-def odd_server() -> Iterator[str]:
+@contextlib.contextmanager
+def running_odd_server() -> Iterator[str]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), OddServer)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield f"127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def odd_server() -> Iterator[str]:
+    with running_odd_server() as address:
+        yield address
 
 
 def bad_http_uris(server: str) -> dict[str, ErrorCode]:

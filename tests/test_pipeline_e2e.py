@@ -351,3 +351,31 @@ def test_bad_items_do_not_hold_up_good_ones_and_a_second_submit_reuses_results(
     hits = pipeline.scalar("SELECT count(*) FROM jobs WHERE run_id = :r AND cache_hit", r=second.run_id)
     assert hits == 40
     assert_exactly_once(pipeline, second.run_id, 46)
+
+
+@pytest.mark.timeout(600)
+def test_a_worker_fails_each_poisoned_item_alone_on_its_first_attempt(pipeline: Pipeline, taxonomy: Taxonomy) -> None:
+    # Issue 9, case 1: poisoned items (0-3 byte files and bodies, a directory, HTTP 204 and an
+    # unprompted 304, 256.1.1.1, xn--, redirects to them) in the same queue messages as good ones.
+    # Before the per-item boundary each such message failed whole, was retried after its lease,
+    # and every job in it ended attempts_exhausted with no cause.
+    from tests.test_intake_boundary import expected_codes, poisoned_catalog, populate, running_odd_server
+
+    with running_odd_server() as server:
+        rows = poisoned_catalog(populate(pipeline.images), server, good=8)
+        rows = [(sku, uri) for sku, uri in rows if "\0" not in uri and not uri.startswith("http://[::1")]
+        pipeline.env["SKUTAG_ALLOWED_HOSTS"] = f'["{server}"]'
+        pipeline.start("worker")
+        pipeline.start("writer")
+        catalog_path = pipeline.images / "poisoned.csv"
+        catalog_path.write_text("sku,image_uri\n" + "".join(f"{sku},{uri}\n" for sku, uri in rows))
+        report = pipeline.submit(catalog_path, taxonomy)
+        pipeline.wait_for_run(report.run_id, timeout=180)
+        expected = {sku: code for sku, code in expected_codes(pipeline.images, server).items() if sku in dict(rows)}
+    with pipeline.engine.connect() as conn:
+        jobs = conn.execute(sa.text("SELECT sku, state, last_error_code, attempts FROM jobs")).all()
+    assert {sku: code for sku, state, code, _ in jobs if state == "failed"} == expected, pipeline.logs_text()
+    assert {state for sku, state, _, _ in jobs if sku.startswith("GOOD")} <= {"done", "needs_review"}
+    # Retryable codes (fetch_failed) are retried by design; everything else ran exactly once.
+    once = [(sku, attempts) for sku, _, code, attempts in jobs if code not in {"fetch_failed", "timeout"}]
+    assert all(attempts == 1 for _, attempts in once), once
