@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from pipeline.bench.common import scratch_postgres
 from pipeline.db import make_engine, review_tasks
 from pipeline.review import queue
+from pipeline.review.bulk import accept_in_chunks
 from pipeline.review.decisions import Decision, DecisionRecorder
 from pipeline.settings import load_settings
 from schemas.taxonomy import default_taxonomy
@@ -157,7 +158,7 @@ def _bulk(engine: Any, taxonomy: Any, bulk: int) -> dict[str, Any]:
         skus = queue.matching_skus(conn, queue.QueueFilter(), 2 * bulk)
     first, second = skus[:bulk], skus[bulk : 2 * bulk]
     started = time.perf_counter()
-    decided, _ = queue.accept_in_chunks(engine, first, "bench", now)
+    decided, _ = accept_in_chunks(engine, first, "bench", now)
     bulk_s = time.perf_counter() - started
     decisions = []
     with engine.connect() as conn:

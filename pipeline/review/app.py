@@ -27,7 +27,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from pipeline.review import presentation, queue
+from pipeline.review import bulk, presentation, queue
 from pipeline.review.auth import Credentials, csrf_ok, new_csrf_token
 from pipeline.review.decisions import Decision, DecisionRecorder
 from pipeline.review.thumbnails import Thumbnails
@@ -323,7 +323,7 @@ class Pages:
                     "accepted: check the count and confirm again"
                 )
                 return _back_to_grid(flt, message)
-        decided, held = queue.accept_in_chunks(review.engine, wanted, reviewer, now)
+        decided, held = bulk.accept_in_chunks(review.engine, wanted, reviewer, now)
         review.notify(decided)
         review.forget_counts()
         note = f"; {held} held by other reviewers were left to them" if held else ""
