@@ -22,7 +22,8 @@ from schemas.taxonomy import SUMMARY, Taxonomy, parse_taxonomy
 
 def toy_taxonomy(**changes: Any) -> Taxonomy:
     """Three categories sharing the prefix "sh"; colours with shared prefixes ("red" / "red brown" /
-    "rose"); an attribute with a single value (a choice that is all forced)."""
+    "rose"); an attribute with a single value (a choice that is all forced). not_visible is off:
+    these tests are about the tries, not about that option (tests/test_not_visible.py)."""
     document: dict[str, Any] = {
         "name": "toy",
         "summary": {"label": {"en": "Summary", "zh": "摘要"}},
@@ -41,8 +42,13 @@ def toy_taxonomy(**changes: Any) -> Taxonomy:
             "sleeve": {
                 "label": {"en": "Sleeve", "zh": "袖长"},
                 "values": [{"id": "short", "en": "short", "zh": "短袖"}, {"id": "long", "en": "long", "zh": "长袖"}],
+                "not_visible": False,
             },
-            "heel": {"label": {"en": "Heel", "zh": "跟高"}, "values": [{"id": "flat", "en": "flat", "zh": "平跟"}]},
+            "heel": {
+                "label": {"en": "Heel", "zh": "跟高"},
+                "values": [{"id": "flat", "en": "flat", "zh": "平跟"}],
+                "not_visible": False,
+            },
         },
         "categories": [
             {"id": "shirt", "en": "shirt", "zh": "衬衫", "attributes": ["sleeve"]},

@@ -40,7 +40,7 @@ def test_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         (
             "SKUTAG_QUANTIZATION",
             "int4",
-            "SKUTAG_QUANTIZATION: Input should be 'int8', 'nf4', 'bf16', 'fp16' or 'fp32' (got 'int4')",
+            "SKUTAG_QUANTIZATION: Input should be 'int8', 'int8-torchao', 'nf4', 'bf16', 'fp16' or 'fp32' (got 'int4')",
         ),
         ("SKUTAG_BATCH_SIZE", "0", "SKUTAG_BATCH_SIZE: Input should be greater than or equal to 1 (got '0')"),
         ("SKUTAG_IMAGE_SIZE", "400", "SKUTAG_IMAGE_SIZE: Value error, must be a multiple of 32 (got '400')"),
