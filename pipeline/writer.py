@@ -350,7 +350,12 @@ class ResultWriter:
                 f"WITH captured AS ({statement.text}) "
                 f"INSERT INTO {table} ({names}) SELECT {names} FROM captured RETURNING {names}"
             )
-            return list(conn.execute(wrapped.bindparams(_NOW), params).fetchall())
+            captured = list(conn.execute(wrapped.bindparams(_NOW), params).fetchall())
+            # As for stage_results: without statistics the planner guesses the staging table is
+            # large and scans all of review_tasks, tags, ... for the skus in it (cost grows with
+            # the database, not the batch).
+            conn.exec_driver_sql(f"ANALYZE {table}")
+            return captured
         rows = list(conn.execute(statement, params).fetchall())
         if rows:
             marks = ", ".join("?" * len(columns))
