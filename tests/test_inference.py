@@ -21,7 +21,7 @@ from pipeline.errors import GpuOutOfMemoryError, ModelError
 from pipeline.inference import BatchStats, ItemTags, TaggingEngine, tag_splitting_on_oom
 from pipeline.model_loading import load_model
 from pipeline.prompts import build_prompt
-from pipeline.writer import result_problems
+from pipeline.result_checks import result_problems
 from schemas.images import PreparedImage
 from schemas.results import JobSpec
 from schemas.taxonomy import CATEGORY, Taxonomy

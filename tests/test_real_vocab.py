@@ -111,7 +111,7 @@ def test_answers_are_valid_and_tokenized_canonically(
     qwen_model_dir: Path, qwen_tokenizer: Any, taxonomy: Taxonomy, language: str
 ) -> None:
     """The model sees its answer tokenized the way the tokenizer would tokenize the answer's text."""
-    from pipeline.writer import result_problems
+    from pipeline.result_checks import result_problems
     from tests.test_inference import as_result
 
     settings = engine_settings(qwen_model_dir, summary_max_tokens=0, prompt_language=language)

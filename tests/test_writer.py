@@ -15,7 +15,8 @@ from sqlalchemy.engine import Engine
 
 from pipeline.db import make_engine
 from pipeline.errors import InputError, RetryableError
-from pipeline.writer import InvalidResultError, ResultWriter, notify_payloads, write_with_retry
+from pipeline.result_checks import InvalidResultError
+from pipeline.writer import ResultWriter, notify_payloads, write_with_retry
 from schemas.results import AttributeTag, ErrorCode, ItemError, TagResult
 from schemas.taxonomy import Taxonomy
 from tests.conftest import make_jobs, make_result, provenance
