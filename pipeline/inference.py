@@ -25,6 +25,7 @@ from pipeline.constrained import build_plan, byte_level_token_bytes, summary_tex
 from pipeline.decoding import Candidate, Row
 from pipeline.device_images import ImageBatcher
 from pipeline.errors import GpuOutOfMemoryError, InferenceError, ModelError
+from pipeline.kv_state import GrowingRows, SlotBuffers, SlotRows, slot_count
 from pipeline.model_loading import LoadedModel, load_model
 from pipeline.prompts import build_prompt, image_placeholder
 from pipeline.settings import Settings
@@ -109,6 +110,10 @@ class TaggingEngine:
         self._prefix_cache: list[tuple[Any, Any]] | None = None
         self._tail_positions: Any = None
         self._next_position = 0
+        self._slot_buffers: SlotBuffers | None = None
+        if settings.decode_mode != "eager":
+            slots = slot_count(len(self.prefix_ids) + len(self.tail_ids), self.plan, settings.summary_max_tokens)
+            self._slot_buffers = SlotBuffers(slots, settings.decode_mode, loaded.device)
 
     # -- identity --
     def provenance(self, run_id: int | None = None) -> Provenance:
@@ -150,6 +155,8 @@ class TaggingEngine:
             with torch.inference_mode():  # per thread: the batcher's thread is not the loader's
                 return self._tag(images)
         except torch.OutOfMemoryError as exc:
+            if self._slot_buffers is not None:
+                self._slot_buffers.clear()  # a smaller batch gets buffers of its own size
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise GpuOutOfMemoryError(f"GPU out of memory on a batch of {len(images)} images") from exc
@@ -164,11 +171,11 @@ class TaggingEngine:
         stats.preprocess_ms = clock.lap()
         vision = self.loaded.model.model.visual(pixel_values, grid_thw=grid)
         stats.vision_ms = clock.lap()
-        cache, valid, hidden = self._prefill(vision, len(images))
+        state, hidden = self._prefill(vision, len(images))
         stats.prefill_ms = clock.lap()
         tokens, characters = self.settings.summary_max_tokens, self.taxonomy.summary_max_chars
         rows = [Row(plan=self.plan, summary_cap=tokens, summary_chars=characters) for _ in images]
-        steps, stats.scoring_passes = self._decode(rows, cache, valid, hidden)
+        steps, stats.scoring_passes = self._decode(rows, state, hidden)
         stats.forward_passes = 1 + steps + stats.scoring_passes
         stats.decode_ms = clock.lap()
         stats.prompt_tokens = len(images) * (len(self.prefix_ids) + len(self.tail_ids))
@@ -204,37 +211,43 @@ class TaggingEngine:
         self._tail_positions = positions[:, :, prefix_length:]
         self._next_position = int(positions.max().item()) + 1
 
-    def _prefill(self, vision: Any, batch: int) -> tuple[Any, Any, Any]:
+    def _prefill(self, vision: Any, batch: int) -> tuple[GrowingRows | SlotRows, Any]:
         import torch
-        from transformers import DynamicCache
 
         self._ensure_prefix()
         assert self._prefix_cache is not None
         device = self.loaded.device
         model = self.loaded.model.model
-        cache = DynamicCache(
-            ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self._prefix_cache]
-        )
+        state = self._new_rows(batch)
         tail = torch.tensor([self.tail_ids], device=device).expand(batch, -1)
         embeds = model.language_model.embed_tokens(tail)
         image_mask = tail == self.loaded.model.config.image_token_id
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), vision.pooler_output.to(embeds.dtype))
-        valid = torch.ones(batch, len(self.prefix_ids), dtype=torch.bool, device=device)
-        chunk_valid = torch.ones(batch, tail.shape[1], dtype=torch.bool, device=device)
-        mask, valid = _attention_mask(valid, chunk_valid)
-        output = model.language_model(
+        hidden = state.forward(
+            model.language_model,
+            torch.full((batch,), tail.shape[1], dtype=torch.long),
+            self._tail_positions.expand(-1, batch, -1),
             inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=self._tail_positions.expand(-1, batch, -1),
-            cache=cache,
-            use_cache=True,
             visual_pos_masks=image_mask,
             deepstack_visual_embeds=list(vision.deepstack_features),
         )
-        return cache, valid, output.last_hidden_state[:, -1, :]
+        return state, hidden[:, -1, :]
+
+    def _new_rows(self, batch: int) -> GrowingRows | SlotRows:
+        """The batch's key/value state on the cached prefix, in SKUTAG_DECODE_MODE's layout."""
+        import torch
+        from transformers import DynamicCache
+
+        assert self._prefix_cache is not None
+        if self._slot_buffers is not None:
+            return self._slot_buffers.rows(self._prefix_cache, batch)
+        cache = DynamicCache(
+            ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self._prefix_cache]
+        )
+        return GrowingRows(cache, torch.ones(batch, len(self.prefix_ids), dtype=torch.bool, device=self.loaded.device))
 
     # -- decode --
-    def _decode(self, rows: list[Row], cache: Any, valid: Any, hidden: Any) -> tuple[int, int]:
+    def _decode(self, rows: list[Row], state: GrowingRows | SlotRows, hidden: Any) -> tuple[int, int]:
         """Decode every row to its end; returns (decode steps, scoring passes)."""
         import torch
 
@@ -248,43 +261,41 @@ class TaggingEngine:
             # holding forced tokens (say, labels sharing a first token) appends them first.
             to_score = self._decide([(row, hidden[index]) for index, row in enumerate(rows) if row.ready])
             if to_score:
-                self._score(
-                    [(slots[id(row)], row, candidates) for row, candidates in to_score], cache, valid, positions
-                )
+                self._score([(slots[id(row)], row, candidates) for row, candidates in to_score], state, positions)
                 scoring += 1
             if all(row.done for row in rows):
                 return steps, scoring
-            hidden, valid = self._step(rows, cache, valid, positions)
+            hidden = self._step(rows, state, positions)
             steps += 1
 
-    def _step(self, rows: list[Row], cache: Any, valid: Any, positions: Any) -> tuple[Any, Any]:
+    def _step(self, rows: list[Row], state: GrowingRows | SlotRows, positions: Any) -> Any:
         """One forward pass appending each open row's pending tokens (forced + decided)."""
         import torch
 
         device = self.loaded.device
         chunks = [row.pending if not row.done else [] for row in rows]
-        width = max(len(chunk) for chunk in chunks)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        chunk_valid = torch.zeros((len(rows), width), dtype=torch.bool)
-        for index, chunk in enumerate(chunks):
-            ids[index, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
-            chunk_valid[index, : len(chunk)] = True
-        lengths = torch.tensor([len(chunk) for chunk in chunks])
-        text_positions = positions[:, None] + torch.arange(width)[None, :]
-        mask, valid = _attention_mask(valid, chunk_valid.to(device))
-        model = self.loaded.model.model
-        output = model.language_model(
+        ids, lengths = self._padded(chunks, state.width(max(len(chunk) for chunk in chunks)))
+        text_positions = positions[:, None] + torch.arange(ids.shape[1])[None, :]
+        output = state.forward(
+            self.loaded.model.model.language_model,
+            lengths,
+            text_positions.to(device)[None].expand(3, -1, -1),
             input_ids=ids.to(device),
-            attention_mask=mask,
-            position_ids=text_positions.to(device)[None].expand(3, -1, -1),
-            cache=cache,
-            use_cache=True,
         )
         positions += lengths
         for row in rows:
             row.pending = []
         last = (lengths - 1).clamp(min=0).to(device)
-        return output.last_hidden_state[torch.arange(len(rows), device=device), last], valid
+        return output[torch.arange(len(rows), device=device), last]
+
+    def _padded(self, chunks: Sequence[Sequence[int]], width: int) -> tuple[Any, Any]:
+        """The chunks as one (rows, width) id tensor, padded on the right, and their lengths."""
+        import torch
+
+        ids = torch.full((len(chunks), width), self.pad_id, dtype=torch.long)
+        for index, chunk in enumerate(chunks):
+            ids[index, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+        return ids, torch.tensor([len(chunk) for chunk in chunks], dtype=torch.long)
 
     def _decide(self, ready: list[tuple[Row, Any]]) -> list[tuple[Row, list[Candidate]]]:
         """Turn each ready row's last hidden state into its next token; returns the rows whose
@@ -314,36 +325,30 @@ class TaggingEngine:
                 row.take_summary_token(int(token), summary_text(raw), int(token) in self.closers)
         return to_score
 
-    def _score(self, requests: list[tuple[int, Row, list[Candidate]]], cache: Any, valid: Any, positions: Any) -> None:
+    def _score(
+        self, requests: list[tuple[int, Row, list[Candidate]]], state: GrowingRows | SlotRows, positions: Any
+    ) -> None:
         """One extra forward pass teacher-forcing every candidate's tokens on a copy of its row's
         cache (the copy is dropped); each candidate's probability given its branch is the product of
         its renormalized probabilities at the branching nodes it passes."""
         import torch
-        from transformers import DynamicCache
 
         device = self.loaded.device
         flat = [(slot, row, candidate) for slot, row, candidates in requests for candidate in candidates]
         slots = torch.tensor([slot for slot, _, _ in flat], device=device)
-        width = max(len(candidate.inputs) for _, _, candidate in flat)
-        ids = torch.full((len(flat), width), self.pad_id, dtype=torch.long)
-        chunk_valid = torch.zeros((len(flat), width), dtype=torch.bool)
-        for index, (_, _, candidate) in enumerate(flat):
-            ids[index, : len(candidate.inputs)] = torch.tensor(candidate.inputs, dtype=torch.long)
-            chunk_valid[index, : len(candidate.inputs)] = True
-        copy = DynamicCache(ddp_cache_data=[(layer.keys[slots], layer.values[slots]) for layer in cache.layers])
-        mask, _ = _attention_mask(valid[slots], chunk_valid.to(device))
-        text_positions = positions[slots.cpu()][:, None] + torch.arange(width)[None, :]
-        output = self.loaded.model.model.language_model(
+        inputs = [candidate.inputs for _, _, candidate in flat]
+        ids, lengths = self._padded(inputs, state.width(max(len(chunk) for chunk in inputs)))
+        text_positions = positions[slots.cpu()][:, None] + torch.arange(ids.shape[1])[None, :]
+        output = state.select(slots).forward(
+            self.loaded.model.model.language_model,
+            lengths,
+            text_positions.to(device)[None].expand(3, -1, -1),
             input_ids=ids.to(device),
-            attention_mask=mask,
-            position_ids=text_positions.to(device)[None].expand(3, -1, -1),
-            cache=copy,
-            use_cache=True,
         )
         where = [(index, point) for index, (_, _, candidate) in enumerate(flat) for point in candidate.points]
         rows_at = torch.tensor([index for index, _ in where], device=device)
         columns_at = torch.tensor([point.position for _, point in where], device=device)
-        logits = self.loaded.model.lm_head(output.last_hidden_state[rows_at, columns_at]).float()
+        logits = self.loaded.model.lm_head(output[rows_at, columns_at]).float()
         chances = restricted_probabilities(logits, [list(point.options) for _, point in where])
         scores = [1.0] * len(flat)
         for (index, point), point_chances in zip(where, chances, strict=True):
@@ -378,18 +383,6 @@ def restricted_probabilities(logits: Any, options: list[list[int]]) -> list[dict
     picked = logits.gather(1, index.to(logits.device))
     probabilities = torch.softmax(picked.masked_fill(~present.to(logits.device), -math.inf), dim=-1).cpu().tolist()
     return [{token: probabilities[row][j] for j, token in enumerate(option)} for row, option in enumerate(options)]
-
-
-def _attention_mask(valid: Any, chunk_valid: Any) -> tuple[Any, Any]:
-    """A 4-D boolean mask (B, 1, chunk, past + chunk): causal, and blind to the gaps left by rows
-    that appended fewer tokens than others. Returns it with the grown validity of every position."""
-    import torch
-
-    past = valid.shape[1]
-    width = chunk_valid.shape[1]
-    grown = torch.cat([valid, chunk_valid], dim=1)
-    causal = torch.ones(width, past + width, dtype=torch.bool, device=valid.device).tril(diagonal=past)
-    return grown[:, None, None, :] & causal[None, None], grown
 
 
 class _Clock:

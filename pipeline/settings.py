@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 Quantization = Literal["int8", "int8-torchao", "nf4", "bf16", "fp16", "fp32"]
 ImageFit = Literal["crop", "pad"]
 PromptLanguage = Literal["en", "zh"]
+DecodeMode = Literal["eager", "static", "compiled"]
 
 DEFAULT_MODEL = "Qwen/Qwen3-VL-8B-Instruct"
 ENV_PREFIX = "SKUTAG_"
@@ -90,6 +91,11 @@ class Settings(BaseSettings):
 
     # --- batching and time limits ---------------------------------------------------------
     batch_size: int = Field(32, ge=1, le=1024)
+    decode_mode: DecodeMode = Field(
+        "eager",
+        description="The engine's key/value cache: eager (grown per step), static (preallocated, written at "
+        "explicit slots) or compiled (static, with the decode step under torch.compile; CUDA graphs on a GPU).",
+    )
     batch_wait_ms: int = Field(50, ge=0, le=60_000, description="Longest a partial batch waits to fill.")
     batch_time_limit_s: float = Field(300.0, gt=0, description="A batch running longer is abandoned.")
     intake_threads: int = Field(8, ge=1, le=256)

@@ -57,13 +57,13 @@ class RecordingEngine(TaggingEngine):
         self.rows: list[Row] = []
         self.steered: tuple[str, ...] = STEERED
 
-    def _decode(self, rows: list[Row], cache: Any, valid: Any, hidden: Any) -> tuple[int, int]:
+    def _decode(self, rows: list[Row], state: Any, hidden: Any) -> tuple[int, int]:
         for index, row in enumerate(rows):
             steered = SteeredRow(plan=row.plan, summary_cap=row.summary_cap)
             steered.target = self.steered[index % len(self.steered)]
             rows[index] = steered
         self.rows = rows
-        return super()._decode(rows, cache, valid, hidden)
+        return super()._decode(rows, state, hidden)
 
     def _decide(self, ready: list[tuple[Row, Any]]) -> Any:
         if ready:
