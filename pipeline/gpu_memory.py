@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.kv_state import batch_capacity, slot_count
+
+CPU_ENGINE_BATCH = 32  # SKUTAG_ENGINE_BATCH_SIZE=auto off a GPU: no free memory to read; today's default batch
 SAFETY = 2.0  # activations, allocator fragmentation, the scoring pass's cache copies
 USABLE_FRACTION = 0.85  # of the memory free once the weights are loaded
 
@@ -82,9 +85,26 @@ def free_device_bytes(device: Any) -> int:
 def engine_batch_size(engine: Any, limit: int = 256) -> int:
     """--batch-size auto for a built TaggingEngine on its device."""
     settings = engine.settings
-    longest_category = max(len(order) for order in engine.plan.order.values())
-    answer_tokens = 16 * (1 + longest_category) + settings.summary_max_tokens  # labels + keys, generous
-    sequence = len(engine.prefix_ids) + len(engine.tail_ids) + answer_tokens
+    prompt = len(engine.prefix_ids) + len(engine.tail_ids)
+    if settings.decode_mode == "eager":
+        longest_category = max(len(order) for order in engine.plan.order.values())
+        sequence = prompt + 16 * (1 + longest_category) + settings.summary_max_tokens  # labels + keys, generous
+    else:  # the preallocated slots, whatever the answer's length
+        sequence = slot_count(prompt, engine.plan, settings.summary_max_tokens)
     dtype_bytes = 4 if engine.loaded.dtype.is_floating_point and engine.loaded.dtype.itemsize == 4 else 2
     footprint = footprint_for(engine.loaded.model, sequence, settings.image_size, dtype_bytes)
-    return auto_batch_size(free_device_bytes(engine.loaded.device), footprint.total, limit)
+    fits = auto_batch_size(free_device_bytes(engine.loaded.device), footprint.total, limit)
+    if settings.decode_mode == "compiled":  # its buffers hold the batch rounded up to a power of two
+        fits = batch_capacity(fits + 1) // 2
+    return fits
+
+
+def engine_batch_limit(engine: Any) -> int:
+    """SKUTAG_ENGINE_BATCH_SIZE for a built engine: the number given, or for auto what the free GPU
+    memory holds (CUDA) or CPU_ENGINE_BATCH (a CPU has no free memory worth sizing by)."""
+    requested = engine.settings.engine_batch_size
+    if requested != "auto":
+        return int(requested)
+    if engine.loaded.device.type != "cuda":
+        return CPU_ENGINE_BATCH
+    return engine_batch_size(engine)

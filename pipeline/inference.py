@@ -25,6 +25,7 @@ from pipeline.constrained import build_plan, byte_level_token_bytes, summary_tex
 from pipeline.decoding import Candidate, Row
 from pipeline.device_images import ImageBatcher
 from pipeline.errors import GpuOutOfMemoryError, InferenceError, ModelError
+from pipeline.gpu_memory import engine_batch_limit
 from pipeline.kv_state import GrowingRows, SlotBuffers, SlotRows, slot_count
 from pipeline.model_loading import LoadedModel, load_model
 from pipeline.prompts import build_prompt, image_placeholder
@@ -114,6 +115,9 @@ class TaggingEngine:
         if settings.decode_mode != "eager":
             slots = slot_count(len(self.prefix_ids) + len(self.tail_ids), self.plan, settings.summary_max_tokens)
             self._slot_buffers = SlotBuffers(slots, settings.decode_mode, loaded.device)
+        self.batch_limit = engine_batch_limit(self)  # after the weights: auto reads the memory left
+        log.info("engine batches of at most %d images (SKUTAG_ENGINE_BATCH_SIZE=%s)", self.batch_limit,
+                 settings.engine_batch_size)  # fmt: skip
 
     # -- identity --
     def provenance(self, run_id: int | None = None) -> Provenance:
@@ -142,8 +146,14 @@ class TaggingEngine:
 
     # -- the public calls --
     def tag_many(self, images: Sequence[PreparedImage]) -> tuple[list[ItemTags], list[BatchStats]]:
-        """Tag images, splitting the batch on GPU out-of-memory."""
-        return tag_splitting_on_oom(self, images)
+        """Tag images in batches of at most batch_limit, each split again on GPU out-of-memory."""
+        tags: list[ItemTags] = []
+        stats: list[BatchStats] = []
+        for start in range(0, len(images), self.batch_limit):
+            chunk_tags, chunk_stats = tag_splitting_on_oom(self, images[start : start + self.batch_limit])
+            tags += chunk_tags
+            stats += chunk_stats
+        return tags, stats
 
     def tag(self, images: Sequence[PreparedImage]) -> tuple[list[ItemTags], BatchStats]:
         """Tags for each image, in order. Raises GpuOutOfMemoryError (split the batch and retry)."""

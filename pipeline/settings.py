@@ -90,7 +90,12 @@ class Settings(BaseSettings):
     )
 
     # --- batching and time limits ---------------------------------------------------------
-    batch_size: int = Field(32, ge=1, le=1024)
+    batch_size: int = Field(32, ge=1, le=1024, description="Images per engine call, and jobs per queue message.")
+    engine_batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        "auto",
+        description="Most images per forward batch; a larger call is tagged in chunks of this size. auto: what "
+        "the free GPU memory holds on CUDA, 32 on a CPU.",
+    )
     decode_mode: DecodeMode = Field(
         "eager",
         description="The engine's key/value cache: eager (grown per step), static (preallocated, written at "
@@ -194,6 +199,13 @@ class Settings(BaseSettings):
     @classmethod
     def _plain_list(cls, value: Any) -> Any:
         return parse_list(value, ",")
+
+    @field_validator("engine_batch_size", mode="before")
+    @classmethod
+    def _auto_or_count(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip() != "auto" and not value.strip().isdigit():
+            raise ValueError(f"expected auto or a number of images, got {value!r}")
+        return value.strip() if isinstance(value, str) and value.strip() == "auto" else value
 
     @field_validator("image_roots", mode="before")
     @classmethod

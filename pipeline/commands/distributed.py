@@ -77,7 +77,19 @@ def celery_worker_options(command: Any) -> Any:
 @click.option(
     "--concurrency", "worker_concurrency", type=int, help="Messages worked on at once (SKUTAG_WORKER_CONCURRENCY)."
 )
-@click.option("--batch-size", type=int, help="Images per GPU batch (SKUTAG_BATCH_SIZE).")
+@click.option(
+    "--batch-size", type=int,
+    help="Images merged from queue messages into one engine call (SKUTAG_BATCH_SIZE; it also sizes messages).",
+)  # fmt: skip
+@click.option(
+    "--engine-batch-size", metavar="auto|N",
+    help="Most images per forward batch; a larger call runs in chunks of this size (SKUTAG_ENGINE_BATCH_SIZE). "
+    "auto (the default): what the free GPU memory holds once the model is loaded; 32 on a CPU.",
+)  # fmt: skip
+@click.option(
+    "--decode-mode", type=click.Choice(["eager", "static", "compiled"]),
+    help="The engine's key/value cache (SKUTAG_DECODE_MODE): compiled uses CUDA graphs on a GPU.",
+)  # fmt: skip
 @celery_worker_options
 @click.pass_context
 def worker_command(ctx: click.Context, /, queues: str, celery_args: tuple[str, ...], **overrides: Any) -> None:
