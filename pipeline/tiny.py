@@ -160,7 +160,7 @@ def build_tiny_model(directory: Path, seed: int = 0, tokenizer_kind: TokenizerKi
     text = {**TINY_TEXT, "vocab_size": vocab_size}
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config(text, TINY_VISION, tokens))
-    model.save_pretrained(directory)
+    _save_quietly(model, directory)
     tokenizer.save_pretrained(directory)
     (directory / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR, indent=2))
     (directory / "SKUTAG_TINY_MODEL.md").write_text(
@@ -176,3 +176,16 @@ def is_tiny_model(directory: Path) -> bool:
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def _save_quietly(model: Any, directory: Path) -> None:
+    """save_pretrained draws a one-shard tqdm bar on stderr; in `make demo` it reads as noise."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -104,10 +104,10 @@ def run_local(
     if run.failures:
         from pipeline.failures import format_counts
 
-        console.print(
-            f"failed by code: {format_counts(run.failures)}. List them: skutag failures {run.run_id}; "
-            f"retry the retryable ones: skutag retry {run.run_id}"
-        )
+        # One line per fact: a console narrower than the sentence would otherwise wrap mid-list.
+        console.print(f"failed by code: {format_counts(run.failures)}", soft_wrap=True)
+        console.print(f"  list them: skutag failures {run.run_id}")
+        console.print(f"  retry the retryable ones: skutag retry {run.run_id}")
     return for_run_state(run.state)
 
 
