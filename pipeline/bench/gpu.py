@@ -1,5 +1,6 @@
 """GPU benchmark: the real Qwen3-VL-8B architecture with random weights (no download), tagged by
-skutag's engine in int8 (bitsandbytes LLM.int8), nf4 and bf16 at batch 1, 8, 32 and 64, against
+skutag's engine in bf16, int8 (torchao and bitsandbytes LLM.int8) and nf4 at several batch sizes,
+each with the decode modes (SKUTAG_DECODE_MODE: eager, static, compiled = CUDA graphs), against
 the article's way: one image at a time, free-form `generate`, fp16. One run, one card.
 
 Random weights cannot stop on their own, so every path produces a fixed amount of output: the
@@ -66,6 +67,7 @@ def build_random_8b(directory: Path, device: str) -> Path:
 def _free() -> None:
     import torch
 
+    torch._dynamo.reset()  # compiled graphs (and their CUDA-graph pools) of engines already measured
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -101,22 +103,28 @@ def measure_engine(
     summary_tokens: int,
     device: str,
     on_row: Callable[[dict[str, Any]], None],
+    decode_modes: tuple[str, ...] = ("eager",),
 ) -> None:
-    """One row per (batch size, summary on / off), each handed to on_row as soon as it is measured."""
+    """One row per (batch size, decode mode, summary on / off), each handed to on_row as soon as
+    it is measured. The modes of one batch size come together, so a cut-short run compares them."""
     settings = load_settings(
         model=str(model_dir), quantization=quantization, device=device, summary_max_tokens=summary_tokens
     )
     loaded = load_model(settings)
-    engines = {True: TaggingEngine(loaded, default_taxonomy(), settings)}
-    off = settings.model_copy(update={"summary_max_tokens": 0})
-    engines[False] = TaggingEngine(loaded, default_taxonomy(), off)
     for requested in batch_sizes:
         if requested == "auto" and loaded.device.type != "cuda":
             continue  # auto reads the free GPU memory; a CPU run (--tiny) measures the fixed sizes
-        size = engine_batch_size(engines[True]) if requested == "auto" else int(requested)
-        for summary, engine in engines.items():
-            on_row(_measure(engine, quantization, size, batches, summary, auto=requested == "auto"))
-    del engines, loaded
+        for mode in decode_modes:
+            on = settings.model_copy(update={"decode_mode": mode})
+            off = on.model_copy(update={"summary_max_tokens": 0})
+            engines = {summary: TaggingEngine(loaded, default_taxonomy(), chosen) for summary, chosen in
+                       ((True, on), (False, off))}  # fmt: skip
+            size = engine_batch_size(engines[True]) if requested == "auto" else int(requested)
+            for summary, engine in engines.items():
+                on_row(_measure(engine, quantization, size, batches, summary, auto=requested == "auto"))
+            del engines  # the static modes' buffers and compiled graphs go with them
+            _free()
+    del loaded
     _free()
 
 
@@ -124,7 +132,7 @@ def _measure(
     engine: TaggingEngine, quantization: str, size: int, batches: int, summary: bool, auto: bool
 ) -> dict[str, Any]:
     images = _images(size)
-    engine.tag(images)  # warm-up: kernels, allocator, the cached prefix
+    engine.tag(images)  # warm-up: kernels, allocator, the cached prefix; compiled graphs for this batch
     _peak_reset(engine.loaded.device)
     seconds, stats = [], None
     for _ in range(batches):
@@ -133,7 +141,8 @@ def _measure(
         seconds.append(time.perf_counter() - started)
     assert stats is not None
     return {
-        "path": f"skutag {quantization}", "batch": f"{size} (auto)" if auto else size, "summary": summary,
+        "path": f"skutag {quantization}", "decode": engine.settings.decode_mode,
+        "batch": f"{size} (auto)" if auto else size, "summary": summary,
         "images_per_s": size / statistics.median(seconds), "peak_gib": _peak_gib(engine.loaded.device),
         "forward_passes": stats.forward_passes, "forward_passes_per_image": stats.forward_passes / size,
         "scoring_passes": stats.scoring_passes, "generated_tokens_per_image": stats.generated_tokens / size,
@@ -180,6 +189,7 @@ def run(
     tiny: bool = False,
     quantizations: tuple[str, ...] = ("bf16", "int8-torchao", "int8", "nf4"),
     batch_sizes: tuple[int | str, ...] = ("auto", 32, 8, 1),
+    decode_modes: tuple[str, ...] = ("eager", "static", "compiled"),
     batches: int = 3,
     summary_tokens: int = 40,
     baseline_tokens: int = 90,
@@ -218,7 +228,9 @@ def run(
     keep(measure_article_way(model_dir, baseline_images, baseline_tokens, device))
     for quantization in quantizations:
         try:
-            measure_engine(model_dir, quantization, list(batch_sizes), batches, summary_tokens, device, keep)
+            measure_engine(
+                model_dir, quantization, list(batch_sizes), batches, summary_tokens, device, keep, decode_modes
+            )
         except ModelError as exc:  # a missing package (torchao, bitsandbytes) costs its rows, not the run
             keep({"path": f"skutag {quantization}", "error": str(exc)})
         console.print(f"{quantization} done after {time.perf_counter() - started:.0f} s")
@@ -231,6 +243,7 @@ def _print(console: Console, rows: list[dict[str, Any]], card: str) -> None:
     table = Table(title=f"tagging throughput on {card}")
     for column in (
         "path",
+        "decode",
         "batch",
         "img/s",
         "vs article",
@@ -246,7 +259,7 @@ def _print(console: Console, rows: list[dict[str, Any]], card: str) -> None:
     for row in rows:
         peak = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
         table.add_row(
-            row["path"], str(row["batch"]), f"{row['images_per_s']:.2f}",
+            row["path"], row.get("decode", "-"), str(row["batch"]), f"{row['images_per_s']:.2f}",
             f"{row['images_per_s'] / baseline:.1f}x", peak,
             "on" if row.get("summary", True) else "off",
             f"{row.get('forward_passes_per_image', row['forward_passes']):.2f}",

@@ -57,14 +57,24 @@ def bench_intake(repeats: int, threads: int) -> None:
     "--batch-sizes", default="auto,32,8,1", show_default=True, help="auto: the largest batch the free GPU memory holds."
 )
 @click.option(
+    "--decode-modes", default="eager,static,compiled", show_default=True,
+    help="SKUTAG_DECODE_MODE values to measure at each batch size (compiled: CUDA graphs).",
+)  # fmt: skip
+@click.option(
     "--summary-tokens", default=40, show_default=True, help="The summary's token bound (rows run on and off)."
 )
 @click.option("--output", type=OutputPath(), help="Also write the figures as JSON, rewritten after every row.")
 def bench_gpu(
-    tiny: bool, work_dir: Path, quantizations: str, batch_sizes: str, summary_tokens: int, output: Path | None
+    tiny: bool,
+    work_dir: Path,
+    quantizations: str,
+    batch_sizes: str,
+    decode_modes: str,
+    summary_tokens: int,
+    output: Path | None,
 ) -> None:
     """Qwen3-VL-8B architecture, random weights: images/s, peak GPU memory and forward passes per image
-    for bf16 / int8-torchao / int8 (bitsandbytes) / nf4, summary on and off, at several batch sizes vs
+    for bf16 / int8-torchao / int8 (bitsandbytes) / nf4, each decode mode, summary on and off, at several batch sizes vs
     the article's way (one image at a time, free-form generate, fp16). Each row is written as measured."""
     from pipeline.bench import gpu
 
@@ -74,10 +84,19 @@ def bench_gpu(
         tiny=tiny,
         quantizations=tuple(q.strip() for q in quantizations.split(",") if q.strip()),
         batch_sizes=sizes,
+        decode_modes=_decode_modes(decode_modes),
         summary_tokens=summary_tokens,
         output=output,
     )
     click.echo(json.dumps(summary))
+
+
+def _decode_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(mode.strip() for mode in text.split(",") if mode.strip())
+    unknown = [mode for mode in modes if mode not in ("eager", "static", "compiled")]
+    if unknown or not modes:
+        raise click.BadParameter(f"{unknown[0] if unknown else text!r}: choose from eager, static, compiled")
+    return modes
 
 
 @bench.command("engine")
@@ -90,12 +109,18 @@ def bench_gpu(
 )
 @click.option("--images", default=16, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
-def bench_engine(work_dir: Path, images: int, batch_size: int) -> None:
-    """CPU, tiny models, both tokenizers, en/zh, summary on/off: forward passes per image (scoring
-    passes apart), answer tokens per image (what one pass per token would cost) and images/s."""
+@click.option("--decode-modes", default="eager,static", show_default=True, help="SKUTAG_DECODE_MODE values to compare.")
+@click.option("--repeats", default=3, show_default=True, type=POSITIVE, help="images/s is the median of these.")
+def bench_engine(work_dir: Path, images: int, batch_size: int, decode_modes: str, repeats: int) -> None:
+    """CPU, tiny models, both tokenizers, en/zh, summary on/off, each decode mode: forward passes per
+    image (scoring passes apart), answer tokens per image (what one pass per token would cost),
+    images/s (median of the repeats, the modes taking turns) and the ratio to eager."""
     from pipeline.bench import engine as engine_bench
 
-    engine_bench.run(work_dir, images=images, batch=batch_size, on_row=lambda row: click.echo(json.dumps(row)))
+    engine_bench.run(
+        work_dir, images=images, batch=batch_size, on_row=lambda row: click.echo(json.dumps(row)),
+        decode_modes=_decode_modes(decode_modes), repeats=repeats,
+    )  # fmt: skip
 
 
 @bench.command("pipeline")
