@@ -26,7 +26,7 @@ from pipeline.decoding import Candidate, Row
 from pipeline.device_images import ImageBatcher
 from pipeline.errors import GpuOutOfMemoryError, InferenceError, ModelError
 from pipeline.gpu_memory import engine_batch_limit
-from pipeline.kv_state import GrowingRows, SlotBuffers, SlotRows, slot_count
+from pipeline.kv_state import GrowingRows, SlotBuffers, SlotRows, longest_structured_answer, slot_count
 from pipeline.model_loading import LoadedModel, load_model
 from pipeline.prompts import build_prompt, image_placeholder
 from pipeline.settings import Settings
@@ -114,7 +114,8 @@ class TaggingEngine:
         self._slot_buffers: SlotBuffers | None = None
         if settings.decode_mode != "eager":
             slots = slot_count(len(self.prefix_ids) + len(self.tail_ids), self.plan, settings.summary_max_tokens)
-            self._slot_buffers = SlotBuffers(slots, settings.decode_mode, loaded.device)
+            widest = longest_structured_answer(self.plan)
+            self._slot_buffers = SlotBuffers(slots, widest, settings.decode_mode, loaded.device)
         self.batch_limit = engine_batch_limit(self)  # after the weights: auto reads the memory left
         log.info("engine batches of at most %d images (SKUTAG_ENGINE_BATCH_SIZE=%s)", self.batch_limit,
                  settings.engine_batch_size)  # fmt: skip

@@ -6,11 +6,11 @@ chunk to every row; the gaps of narrower rows stay in the cache and a validity m
 static and compiled: one preallocated buffer per layer, (batch, heads, slots, head_dim), sized for
 the longest answer the decoding plan allows. Each row writes its chunk at its own next slots (so a
 row's cache has no gaps) and the mask is plain causal per row, which also hides every slot not yet
-filled. A chunk is padded to one of a few fixed widths (buckets); the padding lands past the row's
-last real slot, where the row's next chunk overwrites it. Fixed shapes are what torch.compile needs
-(CUDA graphs on a GPU): one graph per (batch size, bucket). The buffers hold the instruction prefix
-once and are kept across batches of the same size, so a compiled graph always sees the same
-addresses.
+filled. A chunk is padded to one of a few fixed widths (buckets: powers of 4, up to the longest
+chunk the plan allows); the padding lands past the row's last real slot, where the row's next
+chunk overwrites it. Fixed shapes are what torch.compile needs (CUDA graphs on a GPU): one graph
+per (batch size, bucket). The buffers hold the instruction prefix once and are kept across
+batches of the same size, so a compiled graph always sees the same addresses.
 """
 
 from __future__ import annotations
@@ -46,12 +46,13 @@ def batch_capacity(batch: int) -> int:
     return 1 << (batch - 1).bit_length()
 
 
-def bucket(width: int) -> int:
-    """The fixed chunk width a chunk of `width` tokens is padded to."""
+def bucket(width: int, widest: int) -> int:
+    """The fixed width a chunk of `width` tokens is padded to: a power of BUCKET_BASE, or `widest`
+    (the longest chunk the plan allows) where that is smaller."""
     size = 1
     while size < width:
         size *= BUCKET_BASE
-    return size
+    return max(width, min(size, widest))
 
 
 def slot_count(prompt_tokens: int, plan: DecodingPlan, summary_tokens: int) -> int:
@@ -59,7 +60,7 @@ def slot_count(prompt_tokens: int, plan: DecodingPlan, summary_tokens: int) -> i
     (a chunk, or a scoring pass's candidate, never exceeds the structured answer)."""
     structured = longest_structured_answer(plan)
     summary = summary_tokens if plan.summary_enabled else 0
-    return prompt_tokens + structured + summary + bucket(structured)
+    return prompt_tokens + structured + summary + structured
 
 
 # --- eager: a grown DynamicCache -----------------------------------------------------------------
@@ -148,10 +149,11 @@ class SlotRows:
     every buffer row: the compiled path's buffers hold a padded batch (batch_capacity), whose
     spare rows compute on padding and are never read."""
 
-    def __init__(self, cache: Any, filled: Any, rows: int, step: Callable[..., Any] | None = None) -> None:
+    def __init__(self, cache: Any, filled: Any, rows: int, widest: int, step: Callable[..., Any] | None = None) -> None:
         self.cache = cache
         self.filled = filled
         self.rows = rows
+        self.widest = widest
         self.step = step
         self.slots = int(cache.layers[0].keys.shape[2])
         # The real rows' view, for the uncompiled passes (prefill): they need not run the spare rows.
@@ -159,9 +161,8 @@ class SlotRows:
         if len(filled) > rows:
             self._real = slot_cache([(layer.keys[:rows], layer.values[:rows]) for layer in cache.layers])
 
-    @staticmethod
-    def width(longest_chunk: int) -> int:
-        return bucket(longest_chunk)
+    def width(self, longest_chunk: int) -> int:
+        return bucket(longest_chunk, self.widest)
 
     def forward(self, language_model: Any, lengths: Any, position_ids: Any, **inputs: Any) -> Any:
         import torch
@@ -187,7 +188,7 @@ class SlotRows:
 
     def select(self, slots: Any) -> SlotRows:
         copy = slot_cache([(layer.keys[slots], layer.values[slots]) for layer in self.cache.layers])
-        return SlotRows(copy, self.filled[slots.cpu()].clone(), len(slots))
+        return SlotRows(copy, self.filled[slots.cpu()].clone(), len(slots), self.widest)
 
 
 def _plain_forward(language_model: Any, mask: Any, position_ids: Any, cache: Any, write: Any, **inputs: Any) -> Any:
@@ -213,8 +214,9 @@ class SlotBuffers:
     in its first slots (written once). Kept so compiled graphs see fixed addresses; dropped on
     out-of-memory (clear)."""
 
-    def __init__(self, slots: int, mode: DecodeMode, device: Any) -> None:
+    def __init__(self, slots: int, widest: int, mode: DecodeMode, device: Any) -> None:
         self.slots = slots
+        self.widest = widest
         self.mode = mode
         self._caches: dict[int, Any] = {}
         self._step = compiled_step(device) if mode == "compiled" else None
@@ -227,7 +229,7 @@ class SlotBuffers:
         if capacity not in self._caches:
             self._caches[capacity] = slot_cache(self._allocate(prefix, capacity), fixed_address=self._step is not None)
         filled = torch.full((capacity,), prefix[0][0].shape[2], dtype=torch.long)
-        return SlotRows(self._caches[capacity], filled, batch, self._step)
+        return SlotRows(self._caches[capacity], filled, batch, self.widest, self._step)
 
     def _allocate(self, prefix: list[tuple[Any, Any]], batch: int) -> list[tuple[Any, Any]]:
         import torch

@@ -118,10 +118,10 @@ def test_every_answer_fits_the_preallocated_slots(loaded: Any, taxonomy: Taxonom
     prompt = len(static.prefix_ids) + len(static.tail_ids)
     structured = longest_structured_answer(static.plan)
     slots = slot_count(prompt, static.plan, static.settings.summary_max_tokens)
-    assert slots == prompt + structured + static.settings.summary_max_tokens + bucket(structured)
+    assert slots == prompt + structured + static.settings.summary_max_tokens + structured
     tags, _ = static.tag(random_images(5, seed=71))
     assert max(len(item.answer_ids) for item in tags) <= structured + static.settings.summary_max_tokens
 
 
 def test_chunk_widths_fall_in_a_few_buckets() -> None:
-    assert [bucket(width) for width in (1, 2, 4, 5, 16, 17, 64)] == [1, 4, 4, 16, 16, 64, 64]
+    assert [bucket(width, 90) for width in (1, 2, 4, 5, 16, 17, 64, 65, 90)] == [1, 4, 4, 16, 16, 64, 64, 90, 90]
