@@ -8,6 +8,7 @@ also with none when the new image agrees with the listing.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -15,23 +16,29 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from pipeline.catalog_tables import listing_mismatches
-from pipeline.db import items
 from pipeline.listing import REVIEW_REASON, ListingChecker, ListingIssue
 from schemas.results import TagResult
 
 WORD_SEPARATOR = " | "
 
 
+@dataclass(frozen=True)
+class RecordedIssues:
+    replaced: bool  # some of the skus had stored issues (so perhaps listing tasks) before
+    stored: int  # issues stored now
+
+
 def record_listing_issues(
     conn: Connection, checker: ListingChecker, current: Sequence[TagResult], now: datetime
-) -> int:
+) -> RecordedIssues:
     """Check each result that became its sku's current one against the sku's listing; replace the
-    sku's stored issues with what the check finds. Returns the number of issues stored."""
+    sku's stored issues with what the check finds."""
     if not current:
-        return 0
-    skus = [result.sku for result in current]
-    listings = _listings(conn, skus)
-    conn.execute(sa.delete(listing_mismatches).where(listing_mismatches.c.sku.in_(skus)))
+        return RecordedIssues(False, 0)
+    listings, with_issues = _listings_and_stored_issues(conn, [result.sku for result in current])
+    # Most skus have no stored issue: then there is nothing to delete (a round trip saved per batch).
+    if with_issues:
+        conn.execute(sa.delete(listing_mismatches).where(listing_mismatches.c.sku.in_(with_issues)))
     rows = [
         _row(result, issue, now)
         for result in current
@@ -40,15 +47,30 @@ def record_listing_issues(
     ]
     if rows:
         conn.execute(sa.insert(listing_mismatches), rows)
-    return len(rows)
+    return RecordedIssues(bool(with_issues), len(rows))
 
 
-def _listings(conn: Connection, skus: Sequence[str]) -> dict[str, dict[str, str | None]]:
-    """Title and category hint of the skus that have either."""
-    query = sa.select(items.c.sku, items.c.title, items.c.category_hint).where(
-        items.c.sku.in_(skus), sa.or_(items.c.title.is_not(None), items.c.category_hint.is_not(None))
-    )
-    return {sku: {"title": title, "category_hint": hint} for sku, title, hint in conn.execute(query)}
+# One round trip: the listings to check (title or category hint) and the skus with stored issues.
+_LISTINGS_AND_STORED_ISSUES = """
+SELECT sku, title, category_hint, 0 AS stored FROM items
+WHERE sku IN :skus AND (title IS NOT NULL OR category_hint IS NOT NULL)
+UNION ALL
+SELECT DISTINCT sku, NULL, NULL, 1 FROM listing_mismatches WHERE sku IN :skus
+"""
+
+
+def _listings_and_stored_issues(
+    conn: Connection, skus: Sequence[str]
+) -> tuple[dict[str, dict[str, str | None]], list[str]]:
+    query = sa.text(_LISTINGS_AND_STORED_ISSUES).bindparams(sa.bindparam("skus", expanding=True))
+    listings: dict[str, dict[str, str | None]] = {}
+    with_issues: list[str] = []
+    for sku, title, hint, stored in conn.execute(query, {"skus": list(skus)}):
+        if stored:
+            with_issues.append(sku)
+        else:
+            listings[sku] = {"title": title, "category_hint": hint}
+    return listings, with_issues
 
 
 def _row(result: TagResult, issue: ListingIssue, now: datetime) -> dict[str, Any]:
@@ -88,12 +110,16 @@ ON CONFLICT (sku, attribute) DO NOTHING
 """
 
 
-def open_listing_tasks(conn: Connection, now: datetime, won: str = "stage_won") -> None:
+def open_listing_tasks(conn: Connection, now: datetime, recorded: RecordedIssues, won: str = "stage_won") -> None:
     """Replace the listing tasks of the skus in table `won` with their current issues. Runs before
-    the review queue's own update (pipeline.review.tasks), which rebuilds the skus' queue items."""
+    the review queue's own update (pipeline.review.tasks), which rebuilds the skus' queue items.
+    A listing task is only ever opened from a stored issue, in the transaction that stores it: with
+    no issue before (recorded.replaced) there is no task to drop, with none now none to open."""
     false = "false" if conn.dialect.name == "postgresql" else "0"
-    conn.execute(sa.text(_DROP_LISTING_TASKS.format(won=won)))
-    conn.execute(sa.text(_OPEN_LISTING_TASKS.format(won=won, false=false)), {"now": now})
+    if recorded.replaced:
+        conn.execute(sa.text(_DROP_LISTING_TASKS.format(won=won)))
+    if recorded.stored:
+        conn.execute(sa.text(_OPEN_LISTING_TASKS.format(won=won, false=false)), {"now": now})
 
 
 # --- reading ---------------------------------------------------------------------------------

@@ -85,7 +85,12 @@ WHERE r.sku IN :skus AND r.status <> 'failed'
 ORDER BY r.sku, r.image_uri, r.produced_at DESC, r.job_id DESC
 """
 
-_IMAGES = "SELECT sku, image_uri, view, position FROM item_images WHERE sku IN :skus"
+# The images of skus, and (image_uri NULL) which of them have tag sources: one round trip.
+_IMAGES = """
+SELECT sku, image_uri, view, position FROM item_images WHERE sku IN :skus
+UNION ALL
+SELECT DISTINCT sku, NULL, NULL, 0 FROM tag_sources WHERE sku IN :skus
+"""
 _SKUS: sa.BindParameter[Any] = sa.bindparam("skus", expanding=True)
 
 
@@ -103,10 +108,17 @@ def merge_sku_images(conn: Connection, merger: TagMerger, skus: Sequence[str], n
     results arrive in: a sku is re-merged for any new result of one of its images."""
     if not skus:
         return {}
-    conn.execute(sa.delete(tag_sources).where(tag_sources.c.sku.in_(skus)))
     images: dict[str, dict[str, tuple[str | None, int]]] = {}
+    with_sources: list[str] = []
     for sku, uri, view, position in conn.execute(sa.text(_IMAGES).bindparams(_SKUS), {"skus": list(skus)}):
-        images.setdefault(sku, {})[uri] = (view, position)
+        if uri is None:
+            with_sources.append(sku)
+        else:
+            images.setdefault(sku, {})[uri] = (view, position)
+    # Sources are rewritten below for the skus with several images; the others lose theirs (a
+    # sku listed again with one image). Most skus have none: nothing to delete then.
+    if with_sources:
+        conn.execute(sa.delete(tag_sources).where(tag_sources.c.sku.in_(with_sources)))
     if not images:
         return {}
     latest: dict[str, dict[str, _Latest]] = {}
@@ -192,8 +204,8 @@ def merge_and_check_listings(
     """After the batch's tags are in: re-merge its multi-image skus, then check the listings of
     every sku whose tags changed against those tags (merged ones for multi-image skus)."""
     merged = merge_sku_images(conn, merger, merge_candidates(batch, new_results), now)
-    record_listing_issues(conn, listing, listing_input(batch, won, merged), now)
-    open_listing_tasks(conn, now)
+    recorded = record_listing_issues(conn, listing, listing_input(batch, won, merged), now)
+    open_listing_tasks(conn, now, recorded)
     return merged
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import StringIO
@@ -76,6 +76,18 @@ _SQLITE_STAGING = (
     "CREATE TEMP TABLE IF NOT EXISTS stage_new (job_id INTEGER PRIMARY KEY)",
     "CREATE TEMP TABLE IF NOT EXISTS stage_won (sku TEXT PRIMARY KEY, job_id INTEGER, replaced)",
 )
+
+# Every statement of a write goes from the batch's staging tables (tens to a thousand rows) to
+# the big tables by index, so:
+# - synchronous_commit off: safe to lose on a server crash (the jobs' states roll back with their
+#   results, so the ledger re-runs them); it saves a WAL flush wait per batch.
+# - jit off: a big table whose statistics lag its growth (a fresh database, a first large run)
+#   inflates cost estimates past jit_above_cost, and compiling then cost 5-8 ms per statement on
+#   statements that run in well under 1 ms.
+# - enable_seqscan off: the same lagging statistics made the planner hash-join the whole of tags
+#   or review_tasks for a batch of 32 skus; the staging tables themselves, which have no index,
+#   are still scanned (no other path), and every other table is read through an index.
+PG_WRITE_SETTINGS = "SET LOCAL synchronous_commit = off; SET LOCAL jit = off; SET LOCAL enable_seqscan = off"
 
 _NOW = sa.bindparam("now", type_=sa.DateTime(timezone=True))
 
@@ -141,6 +153,13 @@ def _mark_sku_winners(results: Sequence[TagResult]) -> list[bool]:
             best[result.sku] = index
     winners = set(best.values())
     return [index in winners for index in range(len(results))]
+
+
+def _any_to_review(batch: Sequence[TagResult], won: Sequence[Any], merged: Mapping[str, Any]) -> bool:
+    """Whether a sku whose tags this batch made current needs review (a merged sku's status is
+    the merge's: counted as maybe)."""
+    status = {result.job_id: result.status for result in batch}
+    return bool(merged) or any(status[row[1]] == "needs_review" for row in won)
 
 
 def _newer(a: TagResult, b: TagResult) -> bool:
@@ -229,9 +248,7 @@ class ResultWriter:
         batch = [routed(result, self.thresholds_in_force.get()) for result in batch]
         with translated_errors("writing results"), self.engine.begin() as conn:
             if self.is_postgres:
-                # Safe to lose on a server crash: the jobs' states roll back with their results, so
-                # the ledger re-runs them; it saves a WAL flush wait per batch.
-                conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+                conn.exec_driver_sql(PG_WRITE_SETTINGS)
             self._stage(conn, batch)
             new_results = self._capture(conn, _INSERT_RESULTS, "stage_new", ("job_id",))
             upsert = sa.text(_UPSERT_TAG_SETS.text.format(replaced=_REPLACED[self.engine.dialect.name]))
@@ -239,7 +256,7 @@ class ResultWriter:
             conn.execute(_DELETE_REPLACED_TAGS)
             tag_rows = conn.execute(_INSERT_TAGS, {"now": _utcnow()}).rowcount
             merged = merge_and_check_listings(conn, self.merger, self.listing, batch, new_results, won, _utcnow())
-            review_tasks.open_review_tasks(conn, _utcnow())
+            review_tasks.open_review_tasks(conn, _utcnow(), to_review=_any_to_review(batch, won, merged))
             open_conflict_tasks(conn, merged, _utcnow())
             conn.execute(_FINISH_JOBS, {"now": _utcnow()})
             conn.execute(_FINISH_RUNS, {"now": _utcnow()})
