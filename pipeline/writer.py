@@ -284,8 +284,10 @@ class ResultWriter:
             conn.info["skutag_staging"] = True
         copy_rows(conn, "stage_results", (*RESULT_COLUMNS, "sku_winner"), result_rows)
         copy_rows(conn, "stage_tags", TAG_COLUMNS, tag_text)
-        # Temporary tables have no statistics; without them the planner may scan all of jobs.
-        conn.exec_driver_sql("ANALYZE stage_results")
+        # Temporary tables have no statistics; without them the planner may scan all of jobs. Only
+        # the columns statements join, filter or group on: the jsonb and text columns made this
+        # ANALYZE cost 7 ms per 1,024 results, for statistics no plan reads.
+        conn.exec_driver_sql("ANALYZE stage_results (job_id, run_id, sku, sku_winner)")
 
     def _stage_sqlite(
         self, conn: Connection, result_rows: list[tuple[Any, ...]], tag_rows: list[tuple[Any, ...]]
