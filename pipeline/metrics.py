@@ -17,6 +17,7 @@ Writer:
     skutag_write_seconds                    one write transaction
     skutag_write_requeued_total             result messages put back after a failed write
     skutag_write_dropped_total              malformed result messages dropped
+    skutag_results_discarded_total          results of jobs cancelled while they ran (not written)
 Both, read from the broker at scrape time:
     skutag_queue_depth{queue}               messages waiting (Redis or RabbitMQ)
 Backfill:
@@ -115,6 +116,9 @@ class WriterMetrics:
         )
         self.requeued = Counter("skutag_write_requeued", "Result messages put back after a failed write.", registry=r)
         self.dropped = Counter("skutag_write_dropped", "Malformed result messages dropped.", registry=r)
+        self.discarded = Counter(
+            "skutag_results_discarded", "Results not written: their job was cancelled while it ran.", registry=r
+        )
 
     def watch_queues(self, depths: Callable[[], Mapping[str, int]]) -> None:
         self.registry.register(QueueDepth(depths))

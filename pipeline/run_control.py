@@ -1,7 +1,8 @@
 """Ending a run by hand: `skutag runs cancel RUN` and `skutag runs seal RUN`.
 
 cancel: the run's open jobs fail with code `cancelled` and the run ends as cancelled; messages still
-in the broker find nothing to claim, and a result already on its way is still written.
+in the broker find nothing to claim, and a result already on its way when the run was cancelled is
+discarded by the writer (the job stays cancelled; logged "result discarded: job cancelled").
 seal: a run whose submit stopped before sealing it (a killed process, a lost database) ends with
 the jobs it has: at once if they are all finished, else with its last one.
 """

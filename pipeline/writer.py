@@ -13,6 +13,7 @@ executemany. Everything after the load is the same SQL on both.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from pipeline.sku_images import merge_and_check_listings, open_conflict_tasks
 from schemas.results import ErrorCode, ItemError, JobSpec, TagResult, failed_result
 from schemas.taxonomy import Taxonomy
 
+log = logging.getLogger(__name__)
+
 NOTIFY_PAYLOAD_LIMIT = 7900  # Postgres caps a NOTIFY payload at 8000 bytes
 
 
@@ -46,6 +49,7 @@ class WriteReport:
     skus_updated: int
     tag_rows: int
     seconds: float
+    discarded: int = 0  # results of jobs cancelled while they ran: not written (_without_cancelled)
 
 
 # --- staging rows ----------------------------------------------------------------------------
@@ -140,6 +144,16 @@ _FINISH_JOBS = ledger.finish_jobs_statement("stage_results", "s.job_id IN (SELEC
 _FINISH_RUNS = ledger.finish_runs_statement(
     "SELECT DISTINCT s.run_id FROM stage_results s JOIN stage_new n ON n.job_id = s.job_id"
 )
+
+
+def _without_cancelled(conn: Connection, batch: Sequence[TagResult]) -> list[TagResult]:
+    """The batch less the results of jobs that `skutag runs cancel` ended while they ran: such a
+    job stays cancelled and its late result changes no tags (a cancel that comes later waits for
+    this write's locks on the jobs, and finds them finished)."""
+    cancelled = ledger.lock_for_finishing(conn, [r.job_id for r in batch if r.job_id is not None])
+    if cancelled:
+        log.warning("result discarded: job cancelled (%d results, jobs %s)", len(cancelled), sorted(cancelled)[:10])
+    return [result for result in batch if result.job_id not in cancelled]
 
 
 def _mark_sku_winners(results: Sequence[TagResult]) -> list[bool]:
@@ -249,6 +263,10 @@ class ResultWriter:
         with translated_errors("writing results"), self.engine.begin() as conn:
             if self.is_postgres:
                 conn.exec_driver_sql(PG_WRITE_SETTINGS)
+            kept = _without_cancelled(conn, batch)
+            discarded, batch = len(batch) - len(kept), kept
+            if not batch:
+                return WriteReport(0, 0, 0, 0, time.perf_counter() - started, discarded)
             self._stage(conn, batch)
             new_results = self._capture(conn, _INSERT_RESULTS, "stage_new", ("job_id",))
             upsert = sa.text(_UPSERT_TAG_SETS.text.format(replaced=_REPLACED[self.engine.dialect.name]))
@@ -267,6 +285,7 @@ class ResultWriter:
             skus_updated=len(won),
             tag_rows=max(tag_rows, 0),
             seconds=time.perf_counter() - started,
+            discarded=discarded,
         )
 
     def _stage(self, conn: Connection, batch: Sequence[TagResult]) -> None:
@@ -382,11 +401,11 @@ def write_with_retry(
     raise AssertionError("unreachable")
 
 
-def write_valid(writer: ResultWriter, results: Sequence[TagResult]) -> None:
+def write_valid(writer: ResultWriter, results: Sequence[TagResult]) -> WriteReport:
     """Write a batch; results the writer rejects are written as failed (invalid_result) instead,
     so one malformed result never holds back the others."""
     try:
-        write_with_retry(writer, results)
+        return write_with_retry(writer, results)
     except InvalidResultError as exc:
         repaired = [
             failed_result(
@@ -399,7 +418,7 @@ def write_valid(writer: ResultWriter, results: Sequence[TagResult]) -> None:
             else r
             for index, r in enumerate(results)
         ]
-        write_with_retry(writer, repaired)
+        return write_with_retry(writer, repaired)
 
 
 class WriterSink:

@@ -139,7 +139,7 @@ def register_write_task(app: Celery, writer: ResultWriter, settings: Settings, m
         try:
             # The jobs' leases run for lease_s: a write that succeeds before then loses nothing.
             deadline = time.monotonic() + settings.lease_s
-            retry_until(deadline, lambda: write_valid(writer, results), "writing results")
+            report = retry_until(deadline, lambda: write_valid(writer, results), "writing results")
         except RetryableError as exc:
             writer_log.error(
                 "could not write %d results (%s): putting them back on the queue", len(results), exc.message
@@ -147,7 +147,8 @@ def register_write_task(app: Celery, writer: ResultWriter, settings: Settings, m
             metrics.requeued.inc(_requeue(app, requests))
             return
         metrics.write_seconds.observe(time.perf_counter() - started)
-        metrics.written.inc(len(results))
+        metrics.written.inc(len(results) - report.discarded)
+        metrics.discarded.inc(report.discarded)
         writer_log.info("wrote %d results from %d messages", len(results), len(requests))
 
 

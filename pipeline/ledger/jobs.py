@@ -158,6 +158,25 @@ def reopen_running(conn: Connection, run_id: int) -> int:
     return int(conn.execute(statement).rowcount or 0)
 
 
+def lock_for_finishing(conn: Connection, job_ids: Sequence[int]) -> set[int]:
+    """Lock the jobs a writer is about to finish, in id order (as every writer takes them), and
+    return those `runs cancel` failed as cancelled: their late results must not be written. Holding
+    the locks, a cancel arriving now waits and finds the jobs finished, not open."""
+    if not job_ids:
+        return set()
+    statement = (
+        sa.select(jobs.c.id, jobs.c.state, jobs.c.last_error_code)
+        .where(jobs.c.id.in_(sorted(set(job_ids))))
+        .order_by(jobs.c.id)
+        .with_for_update()  # SQLite has no row locks: its one writer at a time does the same
+    )
+    return {
+        row.id
+        for row in conn.execute(statement)
+        if row.state == JobState.FAILED.value and row.last_error_code == ErrorCode.CANCELLED.value
+    }
+
+
 def finish_jobs_statement(results: str, only: str) -> sa.TextClause:
     """The writer's job update, run in its own transaction beside the results: each job takes the
     state of its result (tagged -> done), its error and its cache hit, and loses its lease.

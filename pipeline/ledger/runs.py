@@ -243,7 +243,7 @@ def discard_empty_run(conn: Connection, run_id: int) -> bool:
 
 def cancel_run(conn: Connection, run_id: int, now: datetime | None = None) -> int:
     """End a run now: its open jobs fail as cancelled (a message still in the broker finds nothing
-    to claim; a result already on its way is still written). Returns the jobs cancelled."""
+    to claim; the writer discards a result already on its way). Returns the jobs cancelled."""
     _still_running(conn, run_id)
     now = now or utcnow()
     cancelled = conn.execute(
