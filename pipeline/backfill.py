@@ -7,11 +7,13 @@
 A job is planned for an item, with the first reason that applies:
     retry_failed           its last job failed with a retryable error, and failures < max_attempts
     never_tagged           no current tags
-    image_uri_changed      the item's image_uri differs from the one its tags came from
+    image_uri_changed      the item's image_uri differs from the one its tags came from, or (a
+                           sku with several images) one of its images is new, replaced or gone
     image_content_changed  same URI, different bytes (with --check-content)
     model_changed / quantization_changed / taxonomy_changed / prompt_changed
     older_than_max_age     tags older than --max-age
 Nothing is planned for an item whose last job is still open, or failed for good on the same URI.
+A planned sku with several images gets one job per image (pipeline.ledger.plan).
 
 A crashed or stopped backfill, started again, continues its run: the plan only adds what is
 missing, and finished jobs are never re-enqueued. The backfill process alone publishes its

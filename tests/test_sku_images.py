@@ -13,11 +13,13 @@ from click.testing import CliRunner
 from PIL import Image
 from sqlalchemy.engine import Engine
 
+from pipeline.backfill import BackfillOptions, DryRun, run_backfill
 from pipeline.catalog import read_catalog
 from pipeline.cli import main
 from pipeline.db import make_engine
 from pipeline.producer import submit_catalog
 from pipeline.settings import load_settings
+from pipeline.sku_images import ImageRow, record_images
 from pipeline.writer import ResultWriter
 from schemas.results import AttributeTag, JobSpec, TagResult
 from schemas.taxonomy import Taxonomy
@@ -122,6 +124,33 @@ def test_a_three_image_sku_merges_and_flags_a_planted_conflict(engine: Engine, t
     # A single-image sku is untouched by all of it.
     assert _rows(engine, "SELECT count(*) FROM tag_sources WHERE sku = 'SINGLE-1'") == [(0,)]
     assert _rows(engine, "SELECT value FROM tags WHERE sku = 'SINGLE-1' AND attribute = 'category'") == [("trousers",)]
+
+
+def test_the_backfill_notices_a_change_to_any_image_of_a_sku(engine: Engine, taxonomy: Taxonomy) -> None:
+    jobs = _submit(engine, taxonomy, CATALOG)
+    ResultWriter(engine, taxonomy).write(
+        [_result(job, taxonomy, n, category=("dress", 0.9)) for n, job in enumerate(jobs.values())]
+    )
+    settings = load_settings(database_url=str(engine.url))
+    front, back, detail = (f"https://img.example.com/m1-{view}.jpg" for view in ("front", "back", "detail"))
+
+    def plan_after(images: list[str]) -> dict[str, int]:
+        with engine.begin() as conn:
+            rows = [ImageRow("MULTI-1", uri, None, position) for position, uri in enumerate(images)]
+            record_images(conn, ["MULTI-1"], rows, datetime.now(UTC))
+        dry = run_backfill(settings, taxonomy, engine, None, BackfillOptions(dry_run=True))
+        assert isinstance(dry, DryRun)
+        return dry.by_reason
+
+    assert plan_after([front, back, detail]) == {}  # nothing changed
+    # The back image replaced: the sku is re-tagged, one job per current image.
+    assert plan_after([front, "https://img.example.com/m1-back-v2.jpg", detail]) == {"image_uri_changed": 3}
+    # The detail image gone: its answers are still in the merged tags.
+    assert plan_after([front, back]) == {"image_uri_changed": 2}
+    summary = run_backfill(settings, taxonomy, engine, None, BackfillOptions())
+    assert not isinstance(summary, DryRun)
+    planned = _rows(engine, f"SELECT sku, image_uri, reason FROM jobs WHERE run_id = {summary.run_id} ORDER BY id")
+    assert sorted(planned) == [("MULTI-1", back, "image_uri_changed"), ("MULTI-1", front, "image_uri_changed")]
 
 
 def _photo(path: Path, color: tuple[int, int, int]) -> None:

@@ -2,12 +2,13 @@
 
     retry_failed           its last job failed with a retryable error, and failures < max_attempts
     never_tagged           no current tags
-    image_uri_changed      the item's image_uri differs from the one its tags came from
+    image_uri_changed      the item's image_uri differs from the one its tags came from, or (a
+                           sku with several images) one of its images is new, replaced or gone
     image_content_changed  same URI, different bytes (listed in content_changed by the content check)
     model_changed / quantization_changed / taxonomy_changed / prompt_changed
     older_than_max_age     tags older than the cutoff
 Nothing is planned for an item whose last job is still open, or failed for good on the same URI,
-nor for a retired (delisted) item.
+nor for a retired (delisted) item. A planned sku with several images gets one job per image.
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ RETRYABLE = (*(code.value for code in RETRYABLE_CODES), ErrorCode.ATTEMPTS_EXHAU
 
 _FAILED = JobState.FAILED.value
 
+# A sku with several images (item_images) changed when one of its images was never tried (a new
+# or replaced URI: no result at all, so an image failing for good is not re-planned every night),
+# or when its merged tags still hold an answer from an image the catalog no longer lists.
+_IMAGES_CHANGED = """(
+        EXISTS (SELECT 1 FROM item_images ii WHERE ii.sku = i.sku AND NOT EXISTS (
+                  SELECT 1 FROM results r WHERE r.sku = ii.sku AND r.image_uri = ii.image_uri))
+     OR EXISTS (SELECT 1 FROM tag_sources ts WHERE ts.sku = i.sku AND NOT EXISTS (
+                  SELECT 1 FROM item_images ii WHERE ii.sku = ts.sku AND ii.image_uri = ts.image_uri)))"""
+
 # One row per item that needs a job, with its reason. The last job per sku comes from the
 # (sku, id) index; the failure count is only evaluated for items whose last job failed.
 _PLAN = f"""
@@ -46,6 +56,7 @@ SELECT sku, image_uri, reason FROM (
              THEN 'retry_failed' END
       WHEN t.sku IS NULL THEN 'never_tagged'
       WHEN t.image_uri IS NULL OR t.image_uri <> i.image_uri THEN 'image_uri_changed'
+      WHEN {{images_changed}} THEN 'image_uri_changed'
       WHEN cc.sku IS NOT NULL THEN 'image_content_changed'
       WHEN t.model_id <> :model_id THEN 'model_changed'
       WHEN t.quantization <> :quantization THEN 'quantization_changed'
@@ -60,6 +71,13 @@ SELECT sku, image_uri, reason FROM (
   WHERE i.retired_at IS NULL
 ) planned
 WHERE reason IS NOT NULL
+"""
+
+# A planned sku with several images gets a job per image (unchanged ones are answered by the
+# result cache), so its merged tags are re-made from every current image, not the first alone.
+_PLAN_JOBS = """
+SELECT p.sku, COALESCE(ii.image_uri, p.image_uri) AS image_uri, p.reason
+FROM ({plan}) p LEFT JOIN item_images ii ON ii.sku = p.sku
 """
 
 _CONTENT_TABLE = "CREATE TEMP TABLE IF NOT EXISTS content_changed (sku text PRIMARY KEY)"
@@ -82,7 +100,8 @@ def add_content_changed(conn: Connection, skus: Sequence[str]) -> None:
 
 
 def _plan_query() -> str:
-    return _PLAN.format(retryable=", ".join(f"'{code}'" for code in RETRYABLE))
+    plan = _PLAN.format(retryable=", ".join(f"'{code}'" for code in RETRYABLE), images_changed=_IMAGES_CHANGED)
+    return _PLAN_JOBS.format(plan=plan)
 
 
 def _bind(text: str) -> sa.TextClause:
