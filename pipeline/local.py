@@ -167,6 +167,7 @@ def run_catalog(
         settings.notify_channel,
         ListingChecker.from_settings(settings, taxonomy),
         thresholds=Thresholds.from_settings(settings),
+        conflict_confidence=settings.merge_conflict_confidence,
     )
     _, counts = run_status(database, run_id)
     total = sum(counts.values())

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
         default_factory=lambda: ["style", "season"], description="Attributes a listing is not checked on."
     )
 
+    # --- several images per sku -------------------------------------------------------------
+    merge_conflict_confidence: float = Field(
+        0.8, ge=0.0, le=1.0, description="Two images at least this sure that disagree make the attribute a conflict."
+    )
+
     # --- batching and time limits ---------------------------------------------------------
     batch_size: int = Field(32, ge=1, le=1024, description="Images per engine call, and jobs per queue message.")
     engine_batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(

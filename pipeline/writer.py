@@ -28,7 +28,7 @@ from pipeline import ledger
 from pipeline.db import COPY_NULL, copy_field, copy_rows, insert_for, taxonomy_values, translated_errors
 from pipeline.errors import RetryableError
 from pipeline.listing import ListingChecker
-from pipeline.merge import TagMerger
+from pipeline.merge import DEFAULT_CONFLICT_CONFIDENCE, TagMerger
 from pipeline.result_checks import InvalidResultError, find_invalid
 from pipeline.review import tasks as review_tasks
 from pipeline.review import thresholds as review_thresholds
@@ -234,11 +234,12 @@ class ResultWriter:
         notify_channel: str | None = None,
         listing: ListingChecker | None = None,
         thresholds: Thresholds | None = None,
+        conflict_confidence: float = DEFAULT_CONFLICT_CONFIDENCE,
     ) -> None:
         self.engine = engine
         self.taxonomy = taxonomy
         self.listing = listing if listing is not None else ListingChecker(taxonomy)
-        self.merger = TagMerger(taxonomy)
+        self.merger = TagMerger(taxonomy, conflict_confidence)
         # Review routing is decided here, at write time, from the thresholds in force (these, and those
         # `skutag eval --write` stored): whatever status a worker or the cache handed over.
         self.thresholds_in_force = review_thresholds.ThresholdsInForce(engine, thresholds or Thresholds())

@@ -46,6 +46,11 @@ def test_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         ("SKUTAG_IMAGE_SIZE", "400", "SKUTAG_IMAGE_SIZE: Value error, must be a multiple of 32 (got '400')"),
         ("SKUTAG_DEVICE", "tpu", "SKUTAG_DEVICE: String should match pattern"),
         (
+            "SKUTAG_MERGE_CONFLICT_CONFIDENCE",
+            "1.5",
+            "SKUTAG_MERGE_CONFLICT_CONFIDENCE: Input should be less than or equal to 1 (got '1.5')",
+        ),
+        (
             "SKUTAG_ATTRIBUTE_THRESHOLDS",
             '{"style": 2}',
             "SKUTAG_ATTRIBUTE_THRESHOLDS: Value error, threshold for 'style' must be within [0, 1]",

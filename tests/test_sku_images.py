@@ -126,6 +126,20 @@ def test_a_three_image_sku_merges_and_flags_a_planted_conflict(engine: Engine, t
     assert _rows(engine, "SELECT value FROM tags WHERE sku = 'SINGLE-1' AND attribute = 'category'") == [("trousers",)]
 
 
+def test_the_conflict_confidence_is_the_writers_setting(engine: Engine, taxonomy: Taxonomy) -> None:
+    jobs = _submit(engine, taxonomy, CATALOG)
+    # Floral at 0.9 against striped at 0.95: a conflict at the default 0.8, none at 0.92.
+    settings = load_settings(database_url=str(engine.url), merge_conflict_confidence=0.92)
+    ResultWriter(engine, taxonomy, conflict_confidence=settings.merge_conflict_confidence).write([
+        _result(jobs["m1-front.jpg"], taxonomy, 1, category=("dress", 0.96), pattern=("floral", 0.9)),
+        _result(jobs["m1-detail.jpg"], taxonomy, 2, category=("dress", 0.96), pattern=("striped", 0.95)),
+    ])  # fmt: skip
+    assert _rows(engine, "SELECT count(*) FROM review_tasks WHERE reason = 'conflict'") == [(0,)]
+    assert _rows(engine, "SELECT role FROM tag_sources WHERE attribute = 'pattern' ORDER BY position") == [
+        ("outranked",), ("chosen",)
+    ]  # fmt: skip
+
+
 def test_the_backfill_notices_a_change_to_any_image_of_a_sku(engine: Engine, taxonomy: Taxonomy) -> None:
     jobs = _submit(engine, taxonomy, CATALOG)
     ResultWriter(engine, taxonomy).write(

@@ -190,6 +190,7 @@ def run_writer(settings: Settings, reconcile_periodically: bool = True, celery_a
         settings.notify_channel,
         listing,
         thresholds=Thresholds.from_settings(settings),
+        conflict_confidence=settings.merge_conflict_confidence,
     )
     metrics = WriterMetrics()
     metrics.watch_queues(lambda: queue_depths(settings))
