@@ -1,4 +1,4 @@
-"""CSV export neutralises spreadsheet formulas (OWASP); JSONL keeps the data as it is."""
+"""CSV and TSV outputs neutralise spreadsheet formulas (OWASP); JSONL keeps the data as it is."""
 
 from __future__ import annotations
 
@@ -80,3 +80,23 @@ def test_the_failures_csv_neutralises_formula_skus(sqlite_engine: Engine) -> Non
     assert result.exit_code == 0, result.output
     exported = {row["sku"] for row in csv.DictReader(io.StringIO(result.stdout, newline=""))}
     assert exported == {"'" + sku for sku in HOSTILE_SKUS} | {"PLAIN-1"}
+
+
+def test_the_failures_tsv_neutralises_formula_skus_like_the_csv(sqlite_engine: Engine) -> None:
+    skus = [*HOSTILE_SKUS, "PLAIN-1"]
+    with sqlite_engine.begin() as conn:
+        ledger.upsert_items(
+            conn, [ledger.CatalogRow(sku=sku, image_uri=f"file:///{i}.jpg") for i, sku in enumerate(skus)]
+        )
+        run_id = ledger.create_run(conn, "submit", {})
+        ledger.add_jobs(conn, run_id, [(sku, f"file:///{i}.jpg") for i, sku in enumerate(skus)])
+        ledger.cancel_run(conn, run_id)
+    result = CliRunner().invoke(main, ["--database-url", str(sqlite_engine.url), "failures", str(run_id)])
+    assert result.exit_code == 0, result.output
+    header, *lines = result.stdout.splitlines()  # piped: tab-separated
+    assert header.split("\t")[0] == "sku"
+    cells = [line.split("\t") for line in lines]
+    assert all(len(row) == len(header.split("\t")) for row in cells)  # a tab in a sku moved no column
+    exported = {row[0] for row in cells}
+    assert exported == {"'" + sku.replace("\t", " ").replace("\r", " ") for sku in HOSTILE_SKUS} | {"PLAIN-1"}
+    assert not any(cell.startswith(FORMULA_TRIGGERS) for row in cells for cell in row)

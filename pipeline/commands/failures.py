@@ -30,7 +30,7 @@ def failures(ctx: click.Context, run_id: int, code: str | None, fmt: str) -> Non
     from pipeline.failures import list_failures
     from pipeline.run_progress import snapshot
     from pipeline.secrets import mask_secrets
-    from pipeline.spreadsheet import FormulaSafeWriter
+    from pipeline.spreadsheet import FormulaSafeWriter, tab_separated
 
     database = open_database(settings_from(ctx))
     if snapshot(database, run_id).state == "missing":
@@ -49,9 +49,9 @@ def failures(ctx: click.Context, run_id: int, code: str | None, fmt: str) -> Non
             table.add_row(*row)
         Console().print(table)
     else:
-        click.echo("\t".join(FAILURE_COLUMNS))
+        click.echo(tab_separated(FAILURE_COLUMNS))
         for row in rows:
-            click.echo("\t".join(value.replace("\t", " ").replace("\n", " ") for value in row))
+            click.echo(tab_separated(row))  # skus come from catalogs, as for csv
     err_console.print(f"{len(rows)} failed jobs in run {run_id}" + (f" with code {code}" if code else ""))
 
 

@@ -121,6 +121,7 @@ def _list_runs(ctx: click.Context, limit: int) -> None:
 
     from pipeline.failures import format_counts
     from pipeline.ledger import open_count
+    from pipeline.spreadsheet import tab_separated
     from pipeline.status import recent_runs
 
     columns = ("run", "kind", "state", "jobs", "done", "review", "failed", "open", "created", "finished", "failures")
@@ -138,9 +139,9 @@ def _list_runs(ctx: click.Context, limit: int) -> None:
     if sys.stdout.isatty():
         Console().print(table)
         return
-    click.echo("\t".join(columns))  # piped: tab-separated, for scripts
+    click.echo(tab_separated(columns))  # piped: tab-separated, for scripts and spreadsheets
     for values in zip(*(column.cells for column in table.columns), strict=True):
-        click.echo("\t".join(str(value) for value in values))
+        click.echo(tab_separated(values))
 
 
 @click.command()
