@@ -11,7 +11,7 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -235,7 +235,7 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _postgres_scheme(cls, value: str) -> str:
-        return normalise_database_url(value)
+        return check_database_url(normalise_database_url(value))
 
     @field_validator("image_size")
     @classmethod
@@ -293,15 +293,33 @@ def taxonomy_for(settings: Settings) -> Taxonomy:
     return taxonomy
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Build Settings; CLI flags come in as overrides (None means 'not given')."""
+def load_settings(flag_names: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build Settings; CLI flags come in as overrides (None means 'not given'). flag_names: the
+    flag a user typed for a setting (batch_size -> --batch-size), named in the error instead of
+    the variable when the bad value came from that flag."""
     given = {name: value for name, value in overrides.items() if value is not None}
     try:
         return Settings(**given)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from exc
+        flags = {name: flag for name, flag in (flag_names or {}).items() if name in given}
+        raise ConfigError(describe_validation_error(exc, flags)) from exc
     except SettingsError as exc:  # a source that could not be read at all (a malformed .env value)
         raise ConfigError(f"invalid settings: {str(exc).splitlines()[0]}") from exc
+
+
+def check_database_url(url: str) -> str:
+    """Refuse a URL skutag cannot use here, at load time, so the error names the flag or variable
+    it came from (make_engine checks again for callers that build no Settings)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        raise ValueError("not a database URL") from None
+    if backend not in ("postgresql", "sqlite"):
+        raise ValueError(f"only postgresql and sqlite are supported, got {backend!r}")
+    return url
 
 
 _POSTGRES_ALIASES = re.compile(r"^postgres(ql)?(\+psycopg2)?://")
@@ -345,16 +363,18 @@ def parse_thresholds(value: Any) -> Any:
     return thresholds
 
 
-# Settings that may hold credentials: a bad one is named, its value is not repeated.
-_NOT_ECHOED = frozenset({"storage_options", "review_token"})
+# Settings that may hold credentials (a URL may carry a password): a bad one is named, its value is not repeated.
+_NOT_ECHOED = frozenset({"storage_options", "review_token", "database_url", "backfill_source_url"})
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per bad setting: the variable a user would set, and what is allowed."""
+def describe_validation_error(exc: ValidationError, flags: Mapping[str, str] | None = None) -> str:
+    """One line per bad setting: the flag the user typed (flags: setting -> flag), else the
+    variable a user would set, and what is allowed."""
     lines = []
     for error in exc.errors():
         field, *inside = [str(part) for part in error["loc"]]
-        env_name = ENV_PREFIX + field.upper() + (f" [{'.'.join(inside)}]" if inside else "")
+        name = (flags or {}).get(field) or ENV_PREFIX + field.upper()
+        env_name = name + (f" [{'.'.join(inside)}]" if inside else "")
         got = "a value not shown" if field in _NOT_ECHOED else repr(error.get("input"))
         lines.append(f"{env_name}: {error['msg']} (got {got})")
     return "invalid settings: " + "; ".join(lines)

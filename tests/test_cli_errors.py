@@ -92,6 +92,27 @@ def test_a_bad_flag_is_one_line_naming_it_and_exit_2(database_url: str, args: li
     assert "Traceback" not in lines[0]
 
 
+# A setting given by a flag is reported under the flag the user typed, not its SKUTAG_ variable.
+BAD_SETTING_FLAGS = [
+    (["backfill", "--max-outstanding", "0"], "--max-outstanding: Input should be greater than or equal to 1"),
+    (["worker", "--engine-batch-size", "0"], "--engine-batch-size"),
+]
+
+
+@pytest.mark.parametrize(("args", "named"), BAD_SETTING_FLAGS, ids=["max-outstanding", "engine-batch-size"])
+def test_a_bad_setting_flag_names_the_flag_not_the_variable(database_url: str, args: list[str], named: str) -> None:
+    code, lines, _ = skutag(database_url, *args)
+    assert code == 2, lines
+    assert len(lines) == 1 and named in lines[0] and "SKUTAG_" not in lines[0], lines
+
+
+def test_a_bad_database_url_flag_is_named_and_its_value_not_echoed() -> None:
+    code, lines, _ = skutag("nosuch://admin:s3cret@db/x", "runs")
+    assert (code, len(lines)) == (2, 1), lines
+    assert "--database-url: " in lines[0] and "only postgresql and sqlite" in lines[0], lines
+    assert "s3cret" not in lines[0] and "SKUTAG_" not in lines[0]
+
+
 def test_the_backfill_summary_is_checked_before_the_backfill_runs(database_url: str, catalog: Path) -> None:
     # --summary first: click checks flags in command-line order, and a --catalog it had opened
     # already would be left to the garbage collector (a ResourceWarning here, harmless in a CLI).

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,41 @@ class OutputPath(click.Path):
 
 
 def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
-    """The one Settings of this command: SKUTAG_* variables, overridden by the flags given."""
-    root = ctx.find_root().params
-    return load_settings(database_url=root.get("database_url"), **overrides)
+    """The one Settings of this command: SKUTAG_* variables, overridden by the flags given (a bad
+    flag value is reported under the flag's name, not the variable's)."""
+    given = {"database_url": ctx.find_root().params.get("database_url"), **overrides}
+    return load_settings(
+        flag_names=flag_names(ctx, [name for name, value in given.items() if value is not None]), **given
+    )
+
+
+def flag_names(ctx: click.Context, settings: Sequence[str]) -> dict[str, str]:
+    """The flag behind each of these settings among the options of ctx's command and its parents:
+    the option of the same name (batch_size: --batch-size), else one the setting's name ends with
+    (backfill_max_outstanding: --max-outstanding)."""
+    options = [
+        param
+        for level in _levels(ctx)
+        for param in level.command.params
+        if isinstance(param, click.Option) and param.name
+    ]
+    names: dict[str, str] = {}
+    for setting in settings:
+        option = next((o for o in options if o.name == setting), None) or next(
+            (o for o in options if setting.endswith(f"_{o.name}")), None
+        )
+        if option is not None:
+            names[setting] = max(option.opts, key=len)
+    return names
+
+
+def _levels(ctx: click.Context) -> list[click.Context]:
+    levels: list[click.Context] = []
+    level: click.Context | None = ctx
+    while level is not None:
+        levels.append(level)
+        level = level.parent
+    return levels
 
 
 def open_database(settings: Settings, create_if_embedded: bool = False) -> Any:
