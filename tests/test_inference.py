@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from pipeline.cli import main
+from pipeline.commands.exits import ExitCode
 from pipeline.device_images import patchify
 from pipeline.errors import GpuOutOfMemoryError, ModelError
 from pipeline.inference import BatchStats, ItemTags, TaggingEngine, tag_splitting_on_oom
@@ -217,3 +218,24 @@ def test_merged_requests_count_their_batch_once(tiny_engine: TaggingEngine) -> N
     assert [stats.images for stats in stats_a] == [5] and stats_b == []  # one batch, counted once
     assert (len(tags_a), len(tags_b)) == (2, 3)
     assert all(tags.timings_ms["decode_ms"] > 0 for tags in tags_a + tags_b)
+
+
+def test_tag_image_reports_an_internal_error_in_one_line(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "dress.jpg"
+    Image.new("RGB", (64, 64), (180, 20, 40)).save(path, "JPEG")
+
+    def a_bug(self: object, image_uri: str) -> None:
+        raise RuntimeError("a bug in intake")
+
+    monkeypatch.setattr("pipeline.images.ImageIntake._prepare", a_bug)  # the per-item boundary catches it
+    args = ["tag-image", str(path), "--model", str(tiny_model_dir), "--quantization", "fp32"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == ExitCode.UNEXPECTED
+    assert json.loads(result.stdout)["error"]["code"] == "internal_error"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: internal_error: tagging"), lines
+    assert "Traceback" not in result.stderr
+    debug = CliRunner().invoke(main, ["--debug", *args])
+    assert "Traceback" in debug.stderr and "a bug in intake" in debug.stderr

@@ -4,14 +4,18 @@ engine, for prompt iteration)."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import click
 
-from pipeline.commands.common import model_options, settings_from
+from pipeline.commands.common import err_console, model_options, settings_from
 from pipeline.commands.exits import ExitCode
+from schemas.results import ErrorCode
 
 
 @click.group()
@@ -52,9 +56,31 @@ def tag_image(ctx: click.Context, /, image_uri: str, **overrides: Any) -> None:
     settings = settings_from(ctx, **overrides)
     if "://" not in image_uri:  # a file named on the command line is trusted, wherever it is
         settings = settings.with_image_roots(Path(image_uri).resolve().parent)
-    result, stats = tag_one(settings, image_uri)
+    debug = bool(ctx.find_root().params.get("debug"))
+    with _log_only_with_debug(debug):
+        result, stats = tag_one(settings, image_uri)
     document = result.model_dump(mode="json", exclude={"job_id"})
     document["batch"] = stats.as_dict() if stats else None
     click.echo(json.dumps(document, ensure_ascii=False, indent=2))
+    if result.error is not None and result.error.code == ErrorCode.INTERNAL_ERROR:
+        hint = "" if debug else " (run with --debug for the traceback)"
+        from rich.markup import escape
+
+        err_console.print(f"[red]error:[/red] internal_error: tagging {escape(image_uri)} failed{hint}", markup=True)
+        sys.exit(ExitCode.UNEXPECTED)  # a bug, as for any command (pipeline/cli.py)
     if result.status == "failed":
         sys.exit(ExitCode.BAD_INPUT)
+
+
+@contextmanager
+def _log_only_with_debug(debug: bool) -> Iterator[None]:
+    """tag-image has no log file: the traceback the per-item boundary logs for an internal_error
+    would reach stderr through logging's last-resort handler, beside the one-line error. Shown
+    with --debug only, like every command's tracebacks."""
+    root = logging.getLogger()
+    handler: logging.Handler = logging.StreamHandler(sys.stderr) if debug else logging.NullHandler()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
