@@ -7,22 +7,32 @@ gets at most the time left until the fetch's deadline, and none at all once it h
 sequence of slow-but-alive answers can hold a fetch past it.
 
 The deadline is per thread (a ContextVar, set by `within`); intake threads each run one fetch.
+Name resolution is under it too (`resolve_within`): getaddrinfo has no timeout of its own, so it
+runs in a helper thread that the fetch waits on for the time left, no longer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import socket
 import ssl
+import threading
 import time
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
 import httpcore
 import httpx
 
 _DEADLINE: ContextVar[float | None] = ContextVar("skutag_fetch_deadline", default=None)
+
+# socket.getaddrinfo's shape, as the fetcher calls it: (host, port, type=...) -> address infos.
+Resolver = Callable[..., list[tuple[typing.Any, ...]]]
+# Lookups the deadline gave up on may still hang in their threads until the system resolver's own
+# timeout: at most this many at once, so a dead DNS server cannot pile up threads without bound.
+_LOOKUP_SLOTS = threading.BoundedSemaphore(64)
 
 
 @contextlib.contextmanager
@@ -114,3 +124,39 @@ def remaining(default: float = math.inf) -> float:
     """Seconds left of the current deadline (default when there is none)."""
     deadline = _DEADLINE.get()
     return default if deadline is None else deadline - time.monotonic()
+
+
+def resolve_within(host: str, port: int, resolver: Resolver = socket.getaddrinfo) -> list[tuple[typing.Any, ...]]:
+    """resolver(host, port), answered within the current deadline or TimeoutError. Without a
+    deadline it runs here, as before. The lookup's own errors (socket.gaierror) are re-raised."""
+    left = remaining()
+    if math.isinf(left):
+        return resolver(host, port, type=socket.SOCK_STREAM)
+    if left <= 0 or not _LOOKUP_SLOTS.acquire(timeout=left):
+        raise TimeoutError(f"no time left to resolve {host!r}")
+    lookup = _Lookup(resolver, host, port)
+    threading.Thread(target=lookup.run, name="skutag-resolve", daemon=True).start()
+    if not lookup.done.wait(max(remaining(), 0.0)):
+        raise TimeoutError(f"resolving {host!r} took longer than the fetch deadline")
+    if lookup.error is not None:
+        raise lookup.error
+    return lookup.infos
+
+
+class _Lookup:
+    """One getaddrinfo in a daemon thread (a hung one never holds the process at exit)."""
+
+    def __init__(self, resolver: Resolver, host: str, port: int) -> None:
+        self.resolver, self.host, self.port = resolver, host, port
+        self.done = threading.Event()
+        self.infos: list[tuple[typing.Any, ...]] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.infos = self.resolver(self.host, self.port, type=socket.SOCK_STREAM)
+        except BaseException as exc:  # handed to the waiting fetch, which decides
+            self.error = exc
+        finally:
+            _LOOKUP_SLOTS.release()
+            self.done.set()

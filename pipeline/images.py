@@ -100,7 +100,7 @@ def configure_pillow(max_image_pixels: int) -> None:
 
 
 # --- addresses -------------------------------------------------------------------------------
-def resolve(host: str, port: int) -> list[IPAddress]:
+def resolve(host: str, port: int, resolver: deadline.Resolver = socket.getaddrinfo) -> list[IPAddress]:
     try:
         literal = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -112,7 +112,9 @@ def resolve(host: str, port: int) -> list[IPAddress]:
         # valid one (256.1.1.1). Never hand it to the resolver, which would send it to DNS.
         raise IntakeError(ErrorCode.INVALID_URI, f"{host!r} is not a valid IPv4 address")
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = deadline.resolve_within(host, port, resolver)  # a slow DNS server counts against the fetch
+    except TimeoutError as exc:
+        raise IntakeError(ErrorCode.TIMEOUT, f"cannot resolve host {host!r} in time: {exc}") from exc
     except (socket.gaierror, UnicodeError) as exc:
         raise IntakeError(ErrorCode.FETCH_FAILED, f"cannot resolve host {host!r}: {exc}") from exc
     addresses = []
@@ -156,8 +158,11 @@ class FetchPolicy:
 class Fetcher:
     """Reads image bytes from a local path, file:// or http(s):// under a FetchPolicy."""
 
-    def __init__(self, policy: FetchPolicy, client: httpx.Client | None = None) -> None:
+    def __init__(
+        self, policy: FetchPolicy, client: httpx.Client | None = None, resolver: deadline.Resolver = socket.getaddrinfo
+    ) -> None:
         self.policy = policy
+        self.resolver = resolver  # tests hand in a stub: they never ask DNS
         self.client = client or deadline.deadline_client()
         self._proxied: dict[str, httpx.Client] = {}  # one client per proxy URL, made on first use
         self._stores = StoreReader(policy.stores) if policy.stores else None
@@ -258,7 +263,7 @@ class Fetcher:
         if url.scheme not in {"http", "https"} or not url.host:
             raise IntakeError(ErrorCode.FORBIDDEN_ADDRESS, f"redirect to {url} is not an http(s) URL")
         port = url.port or (443 if url.scheme == "https" else 80)
-        addresses = resolve(url.host, port)
+        addresses = resolve(url.host, port, self.resolver)
         if not addresses:
             raise IntakeError(ErrorCode.FETCH_FAILED, f"host {url.host!r} has no address")
         if not self.policy.allowed_hosts.allows(url.host, port):
