@@ -18,6 +18,7 @@ SKU's tags are then merged attribute by attribute, by one rule:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -65,8 +66,11 @@ class MergedAttribute:
 class MergedTags:
     category: str
     lead: ImageTags  # the image whose category won: the summary's source
-    first: ImageTags  # the SKU's first tagged image: what review decisions and the backfill compare
+    first: ImageTags  # the SKU's first tagged image: what the backfill's content check compares
     attributes: dict[str, MergedAttribute] = field(default_factory=dict)
+    # One hash of every merged image's bytes: the SKU's image_sha256 in tags and tag_sets, which
+    # review decisions are keyed on, so a decision on the merged tag ends when any image changes.
+    evidence_sha256: str = ""
 
     @property
     def conflicts(self) -> list[str]:
@@ -98,7 +102,10 @@ class TagMerger:
             return None
         category = self._merge_attribute(CATEGORY, tagged, self.taxonomy.category_attribute.value_ids)
         first = min(tagged, key=lambda image: image.position)
-        merged = MergedTags(category.tag.value, lead=category.source, first=first, attributes={CATEGORY: category})
+        merged = MergedTags(
+            category.tag.value, lead=category.source, first=first, attributes={CATEGORY: category},
+            evidence_sha256=evidence_sha256(tagged),
+        )  # fmt: skip
         for attribute in self.taxonomy.attributes_for(merged.category):
             candidates = [image for image in tagged if attribute.name in image.attributes]
             if candidates:
@@ -151,3 +158,14 @@ def _role(
     if image.attributes[name].value == value:
         return "agrees"
     return "conflict" if conflict and image in sure else "outranked"
+
+
+def evidence_sha256(images: Sequence[ImageTags]) -> str:
+    """sha256 over the images' (position, uri, bytes hash), in position order: changes when any of
+    them is replaced, added or dropped, and only then."""
+    lines = "".join(f"{i.position}\t{i.image_uri}\t{i.image_sha256 or ''}\n" for i in sorted(images, key=_position))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _position(image: ImageTags) -> int:
+    return image.position

@@ -10,8 +10,9 @@ re-tags only that image (the others are answered by the result cache) and re-mer
 
 What the SKU's rows then say:
 - tags: the merged value per attribute; job_id is the job of the image it came from
-- tag_sets: category and summary from the image whose category won; image_uri, image_sha256 and
-  job_id of the SKU's first image (what the backfill and the review decisions compare against),
+- tag_sets: category and summary from the image whose category won; image_uri and job_id of the
+  SKU's first image; image_sha256 (also in tags) a hash over all its images' bytes hashes, which
+  review decisions are keyed on: a decision on a merged tag ends when any image changes,
   status needs_review when an attribute is in conflict or its winning image was unsure
 - tag_sources: every image's answer per attribute, with its role (chosen, agrees, conflict,
   outranked, not_preferred): the consumer view sku_tag_sources
@@ -151,7 +152,7 @@ def _json(value: Any) -> Any:
 
 
 def _store(conn: Connection, sku: str, merged: MergedTags, per_image: Mapping[str, _Latest], now: datetime) -> None:
-    anchor = merged.first  # the sku's first image: what the backfill and review decisions compare
+    anchor = merged.first  # the sku's first image; decisions compare merged.evidence_sha256 (all images)
     conn.execute(sa.text("DELETE FROM tags WHERE sku = :sku"), {"sku": sku})
     conn.execute(
         sa.text("""
@@ -162,7 +163,7 @@ def _store(conn: Connection, sku: str, merged: MergedTags, per_image: Mapping[st
         [
             {"sku": sku, "attribute": name, "value": m.tag.value, "confidence": m.tag.confidence,
              "runner_up": m.tag.runner_up, "runner_up_confidence": m.tag.runner_up_confidence,
-             "job_id": m.source.job_id, "image_sha256": anchor.image_sha256,
+             "job_id": m.source.job_id, "image_sha256": merged.evidence_sha256,
              "model_id": per_image[m.source.image_uri].model_id,
              "taxonomy_version": per_image[m.source.image_uri].taxonomy_version,
              "produced_at": per_image[m.source.image_uri].produced_at, "now": now}
@@ -176,7 +177,7 @@ def _store(conn: Connection, sku: str, merged: MergedTags, per_image: Mapping[st
         WHERE sku = :sku"""),
         {"sku": sku, "job_id": anchor.job_id, "category": merged.category, "summary": merged.lead.summary,
          "status": "needs_review" if merged.review_attributes else "tagged", "image_uri": anchor.image_uri,
-         "image_sha256": anchor.image_sha256, "now": now},
+         "image_sha256": merged.evidence_sha256, "now": now},
     )  # fmt: skip
     conn.execute(
         sa.insert(tag_sources),
@@ -210,11 +211,10 @@ def merge_and_check_listings(
 
 
 def _as_merged(result: TagResult, merged: MergedTags) -> TagResult:
-    """A multi-image sku's result as its listing is checked: merged tags, on its first image (the
-    image its review tasks are kept for)."""
-    first = merged.first
+    """A multi-image sku's result as its listing is checked: merged tags, on its first image's job
+    and the sku's evidence hash (what its review tasks and decisions are keyed on)."""
     return result.model_copy(
-        update={"attributes": merged.tags, "job_id": first.job_id, "image_sha256": first.image_sha256}
+        update={"attributes": merged.tags, "job_id": merged.first.job_id, "image_sha256": merged.evidence_sha256}
     )
 
 

@@ -13,11 +13,13 @@ from click.testing import CliRunner
 from PIL import Image
 from sqlalchemy.engine import Engine
 
+from pipeline import ledger
 from pipeline.backfill import BackfillOptions, DryRun, run_backfill
 from pipeline.catalog import read_catalog
 from pipeline.cli import main
 from pipeline.db import make_engine
 from pipeline.producer import submit_catalog
+from pipeline.review.decisions import Decision, DecisionRecorder
 from pipeline.settings import load_settings
 from pipeline.sku_images import ImageRow, record_images
 from pipeline.writer import ResultWriter
@@ -114,10 +116,11 @@ def test_a_three_image_sku_merges_and_flags_a_planted_conflict(engine: Engine, t
         engine, "SELECT attribute, reason FROM review_tasks WHERE sku = 'MULTI-1' AND reason = 'conflict'"
     ) == [("pattern", "conflict")]
     # The title says floral; the merged pattern is a sure striped: a listing issue on the merged
-    # tags, kept on the sku's first image like its review tasks.
-    first_image = f"{jobs['m1-front.jpg'].job_id:064x}"
+    # tags, kept on the sku's evidence hash (all its images) like its review tasks.
+    ((evidence,),) = _rows(engine, "SELECT image_sha256 FROM tag_sets WHERE sku = 'MULTI-1'")
+    assert evidence not in {f"{job.job_id:064x}" for job in jobs.values()}
     issues = _rows(engine, "SELECT attribute, listed_values, image_value, image_sha256 FROM listing_issues")
-    assert issues == [("pattern", "floral", "striped", first_image)]
+    assert issues == [("pattern", "floral", "striped", evidence)]
     tag_set = _rows(engine, "SELECT status, category, summary, image_uri FROM tag_sets WHERE sku = 'MULTI-1'")
     assert tag_set == [("needs_review", "dress", "from https://img.example.com/m1-front.jpg",
                         "https://img.example.com/m1-front.jpg")]  # fmt: skip
@@ -138,6 +141,40 @@ def test_the_conflict_confidence_is_the_writers_setting(engine: Engine, taxonomy
     assert _rows(engine, "SELECT role FROM tag_sources WHERE attribute = 'pattern' ORDER BY position") == [
         ("outranked",), ("chosen",)
     ]  # fmt: skip
+
+
+def test_a_decision_on_a_merged_tag_ends_when_any_image_changes(engine: Engine, taxonomy: Taxonomy) -> None:
+    jobs = _submit(engine, taxonomy, CATALOG)
+    writer = ResultWriter(engine, taxonomy)
+    multi = [jobs[name] for name in ("m1-front.jpg", "m1-back.jpg", "m1-detail.jpg")]
+    writer.write([_result(job, taxonomy, n, category=("dress", 0.9), pattern=("floral", 0.6))
+                  for n, job in enumerate(multi)])  # fmt: skip
+    ((job_id,),) = _rows(engine, "SELECT job_id FROM tag_sets WHERE sku = 'MULTI-1'")
+    DecisionRecorder(engine, taxonomy).record(
+        [Decision("MULTI-1", "pattern", "correct", int(job_id), value="plaid")], reviewer="ana"
+    )
+    pattern = "SELECT value, source FROM sku_tags_current WHERE sku = 'MULTI-1' AND attribute = 'pattern'"
+    assert _rows(engine, pattern) == [("plaid", "review")]
+    with engine.connect() as conn:  # the content check still compares the first image's own bytes
+        checked = {row.sku: row.image_sha256 for row in ledger.tagged_items_page(conn, "", 10)}
+    assert checked["MULTI-1"] == f"{multi[0].job_id:064x}"
+
+    # The back image tagged again in a later run, same bytes: the decision stands.
+    back_bytes = f"{multi[1].job_id:064x}"
+    retag = _result(_new_job(engine, multi[1]), taxonomy, 10, category=("dress", 0.9), pattern=("floral", 0.6))
+    writer.write([retag.model_copy(update={"image_sha256": back_bytes})])
+    assert _rows(engine, pattern) == [("plaid", "review")]
+    # New bytes behind the back image (not the first one): the merged tag is the model's again.
+    changed = _result(_new_job(engine, multi[1]), taxonomy, 20, category=("dress", 0.9), pattern=("floral", 0.6))
+    writer.write([changed.model_copy(update={"image_sha256": "e" * 64})])
+    assert _rows(engine, pattern) == [("floral", "model")]
+
+
+def _new_job(engine: Engine, job: JobSpec) -> JobSpec:
+    with engine.begin() as conn:
+        run_id = ledger.create_run(conn, "submit", {})
+        (created,) = ledger.add_jobs(conn, run_id, [(job.sku, job.image_uri)])
+        return created
 
 
 def test_the_backfill_notices_a_change_to_any_image_of_a_sku(engine: Engine, taxonomy: Taxonomy) -> None:

@@ -88,7 +88,10 @@ def upsert_items(conn: Connection, rows: Sequence[CatalogRow], now: datetime | N
 
 
 _TAGGED_ITEMS = sa.text("""
-    SELECT i.sku, i.image_uri, i.image_etag, i.image_last_modified, t.image_sha256
+    SELECT i.sku, i.image_uri, i.image_etag, i.image_last_modified,
+           -- a sku with several images keeps its evidence hash in tag_sets: the first image's own is here
+           COALESCE((SELECT max(ts.image_sha256) FROM tag_sources ts
+                     WHERE ts.sku = i.sku AND ts.image_uri = i.image_uri), t.image_sha256) AS image_sha256
     FROM items i JOIN tag_sets t ON t.sku = i.sku AND t.image_uri = i.image_uri
     WHERE i.sku > :after ORDER BY i.sku LIMIT :page""")
 
