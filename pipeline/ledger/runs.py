@@ -254,9 +254,11 @@ def cancel_run(conn: Connection, run_id: int, now: datetime | None = None) -> in
             last_error="the run was cancelled", lease_expires_at=None, finished_at=now, updated_at=now,
         )
     ).rowcount  # fmt: skip
-    conn.execute(
+    ended = conn.execute(
         sa.update(runs)
-        .where(runs.c.id == run_id)
+        .where(runs.c.id == run_id, runs.c.state == RunState.RUNNING.value)
         .values(state=RunState.CANCELLED.value, planned_at=sa.func.coalesce(runs.c.planned_at, now), finished_at=now)
-    )
+    ).rowcount
+    if not ended:  # a writer finished its last jobs while this waited for their locks: it ended done
+        _still_running(conn, run_id)
     return int(cancelled or 0)
