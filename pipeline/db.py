@@ -434,3 +434,4 @@ def translated_errors(action: str) -> Iterator[None]:
 
 
 # Registered on the same metadata, defined in their own module (after everything they import here).
+from pipeline import catalog_tables  # noqa: E402, F401  (so Alembic and every importer of metadata see them)

@@ -208,9 +208,15 @@ class Settings(BaseSettings):
     @field_validator("engine_batch_size", mode="before")
     @classmethod
     def _auto_or_count(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip() != "auto" and not value.strip().isdigit():
-            raise ValueError(f"expected auto or a number of images, got {value!r}")
-        return value.strip() if isinstance(value, str) and value.strip() == "auto" else value
+        # Decided here in one message: left to the union, a bad value gets one error per branch.
+        text = value.strip() if isinstance(value, str) else value
+        if text == "auto":
+            return text
+        if isinstance(text, str) and text.isdigit():
+            text = int(text)
+        if not isinstance(text, int) or isinstance(text, bool) or not 1 <= text <= 1024:
+            raise ValueError("expected auto or a number of images from 1 to 1024")
+        return text
 
     @field_validator("image_roots", mode="before")
     @classmethod
@@ -318,7 +324,7 @@ def check_database_url(url: str) -> str:
     except ArgumentError:
         raise ValueError("not a database URL") from None
     if backend not in ("postgresql", "sqlite"):
-        raise ValueError(f"only postgresql and sqlite are supported, got {backend!r}")
+        raise ValueError(f"only postgresql and sqlite are supported, not {backend!r}")
     return url
 
 
@@ -375,6 +381,7 @@ def describe_validation_error(exc: ValidationError, flags: Mapping[str, str] | N
         field, *inside = [str(part) for part in error["loc"]]
         name = (flags or {}).get(field) or ENV_PREFIX + field.upper()
         env_name = name + (f" [{'.'.join(inside)}]" if inside else "")
-        got = "a value not shown" if field in _NOT_ECHOED else repr(error.get("input"))
-        lines.append(f"{env_name}: {error['msg']} (got {got})")
+        message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        got = "" if field in _NOT_ECHOED else f" (got {error.get('input')!r})"
+        lines.append(f"{env_name}: {message}{got}")
     return "invalid settings: " + "; ".join(lines)
