@@ -66,15 +66,21 @@ def test_csv_export_neutralises_formula_skus_and_jsonl_keeps_them(
     assert {json.loads(line)["sku"] for line in lines} == set(skus)
 
 
-def test_the_failures_csv_neutralises_formula_skus(sqlite_engine: Engine) -> None:
+def _cancelled_run_of_hostile_skus(engine: Engine) -> int:
+    """A run whose every job failed (code cancelled), with formula-leading skus among them."""
     skus = [*HOSTILE_SKUS, "PLAIN-1"]
-    with sqlite_engine.begin() as conn:
+    with engine.begin() as conn:
         ledger.upsert_items(
             conn, [ledger.CatalogRow(sku=sku, image_uri=f"file:///{i}.jpg") for i, sku in enumerate(skus)]
         )
         run_id = ledger.create_run(conn, "submit", {})
         ledger.add_jobs(conn, run_id, [(sku, f"file:///{i}.jpg") for i, sku in enumerate(skus)])
-        ledger.cancel_run(conn, run_id)  # every job failed, code cancelled
+        ledger.cancel_run(conn, run_id)
+    return run_id
+
+
+def test_the_failures_csv_neutralises_formula_skus(sqlite_engine: Engine) -> None:
+    run_id = _cancelled_run_of_hostile_skus(sqlite_engine)
     args = ["--database-url", str(sqlite_engine.url), "failures", str(run_id), "--format", "csv"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -83,14 +89,7 @@ def test_the_failures_csv_neutralises_formula_skus(sqlite_engine: Engine) -> Non
 
 
 def test_the_failures_tsv_neutralises_formula_skus_like_the_csv(sqlite_engine: Engine) -> None:
-    skus = [*HOSTILE_SKUS, "PLAIN-1"]
-    with sqlite_engine.begin() as conn:
-        ledger.upsert_items(
-            conn, [ledger.CatalogRow(sku=sku, image_uri=f"file:///{i}.jpg") for i, sku in enumerate(skus)]
-        )
-        run_id = ledger.create_run(conn, "submit", {})
-        ledger.add_jobs(conn, run_id, [(sku, f"file:///{i}.jpg") for i, sku in enumerate(skus)])
-        ledger.cancel_run(conn, run_id)
+    run_id = _cancelled_run_of_hostile_skus(sqlite_engine)
     result = CliRunner().invoke(main, ["--database-url", str(sqlite_engine.url), "failures", str(run_id)])
     assert result.exit_code == 0, result.output
     header, *lines = result.stdout.splitlines()  # piped: tab-separated
