@@ -9,7 +9,8 @@ A job is planned for an item, with the first reason that applies:
     never_tagged           no current tags
     image_uri_changed      the item's image_uri differs from the one its tags came from, or (a
                            sku with several images) one of its images is new, replaced or gone
-    image_content_changed  same URI, different bytes (with --check-content)
+    image_content_changed  same URI, different bytes (with --check-content; for a sku with
+                           several images, those of any one of them)
     model_changed / quantization_changed / taxonomy_changed / prompt_changed
     older_than_max_age     tags older than --max-age
 Nothing is planned for an item whose last job is still open, or failed for good on the same URI.
@@ -92,14 +93,16 @@ def _plan_params(settings: Settings, target: PlanTarget, max_age: timedelta | No
 # --- content check ---------------------------------------------------------------------------
 def check_content(conn: Connection, settings: Settings, threads: int = 16, page: int = 2000) -> dict[str, int]:
     """Re-fetch tagged images whose URI did not change (conditionally, with the stored ETag /
-    Last-Modified) and record in content_changed (run_backfill creates it) those whose bytes no
-    longer match their tags."""
+    Last-Modified) and record in content_changed (run_backfill creates it) the skus whose bytes no
+    longer match their tags: for a sku with several images, any one of them. Counts are images."""
     fetcher = Fetcher(FetchPolicy.from_settings(settings))
     counts = {"checked": 0, "not_modified": 0, "changed": 0, "errors": 0}
     after = ""
     with ThreadPoolExecutor(threads, thread_name_prefix="skutag-check") as pool:
         while rows := ledger.tagged_items_page(conn, after, page):
             after = rows[-1].sku
+            # An image of a multi-image sku never tagged is planned anyway (image_uri_changed).
+            rows = [row for row in rows if row.position is None or row.image_sha256 is not None]
             outcomes = list(pool.map(lambda row: _check_one(fetcher, row), rows))
             _record_checks(conn, rows, outcomes, counts)
     fetcher.close()
@@ -120,16 +123,22 @@ def _check_one(fetcher: Fetcher, row: Any) -> tuple[str, str | None, str | None]
 def _record_checks(
     conn: Connection, rows: Sequence[Any], outcomes: list[tuple[str, str | None, str | None]], counts: dict[str, int]
 ) -> None:
-    changed = [row.sku for row, (verdict, _, _) in zip(rows, outcomes, strict=True) if verdict == "changed"]
+    changed = sorted({row.sku for row, (verdict, _, _) in zip(rows, outcomes, strict=True) if verdict == "changed"})
     tally = {"not_modified": "not_modified", "changed": "changed", "error": "errors"}
-    validators: list[tuple[str, str | None, str | None]] = []
+    items: list[tuple[str, str | None, str | None]] = []
+    images: list[tuple[str, str, str | None, str | None]] = []
     for row, (verdict, etag, modified) in zip(rows, outcomes, strict=True):
         counts["checked"] += 1
         if verdict in tally:
             counts[tally[verdict]] += 1
-        if etag or modified:
-            validators.append((row.sku, etag, modified))
-    ledger.store_validators(conn, validators)  # one executemany per page, not a round trip per item
+        if not (etag or modified):
+            continue
+        if row.position is None:  # a single-image sku: its validators live on items
+            items.append((row.sku, etag, modified))
+        else:
+            images.append((row.sku, row.image_uri, etag, modified))
+    ledger.store_validators(conn, items)  # one executemany per page, not a round trip per item
+    ledger.store_image_validators(conn, images)
     add_content_changed(conn, changed)
 
 

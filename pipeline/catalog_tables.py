@@ -2,8 +2,9 @@
 
 listing_mismatches  where a listing's title or category hint contradicts a confident tag
                     (pipeline/listing_store.py; the view listing_issues)
-item_images         the images of a sku with several (view, position); single-image skus have
-                    none (pipeline/sku_images.py)
+item_images         the images of a sku with several (view, position, each image's ETag /
+                    Last-Modified for the content check); single-image skus have none
+                    (pipeline/sku_images.py)
 tag_sources         for those skus: what each image said per attribute and what the merge made
                     of it (pipeline/sku_images.py; the view sku_tag_sources)
 """
@@ -43,6 +44,8 @@ item_images = sa.Table(
     sa.Column("view", sa.Text, doc="front, back, detail, ... as the catalog names it (lower case)"),
     sa.Column("position", sa.Integer, nullable=False, doc="0 is the sku's first image, items.image_uri"),
     sa.Column("updated_at", Timestamp, nullable=False),
+    sa.Column("image_etag", sa.Text, doc="validators of the content check's last fetch of this image"),
+    sa.Column("image_last_modified", sa.Text),
 )
 
 tag_sources = sa.Table(

@@ -65,15 +65,36 @@ def catalog_images(rows: Sequence[tuple[CatalogRow, int]], deduplicator: Dedupli
 
 def record_images(conn: Connection, first_seen: Sequence[str], images: Sequence[ImageRow], now: datetime) -> None:
     """Forget the stored images of skus met for the first time in this catalog, then store the
-    images of skus with several. A sku listed with one image has none stored: it is single again."""
+    images of skus with several. A sku listed with one image has none stored: it is single again.
+    An image listed again keeps its validators (ETag / Last-Modified), so the nightly content
+    check stays a conditional fetch; one listed in a later chunk than its sku's first row does
+    not, and is fetched in full once."""
+    validators: dict[tuple[str, str], dict[str, str | None]] = {}
     if first_seen and conn.execute(sa.select(sa.literal(1)).select_from(item_images).limit(1)).first():
+        validators = _validators(conn, first_seen)
         conn.execute(sa.delete(item_images).where(item_images.c.sku.in_(first_seen)))
     if images:
         rows = [
-            {"sku": i.sku, "image_uri": i.image_uri, "view": i.view, "position": i.position, "updated_at": now}
+            {"sku": i.sku, "image_uri": i.image_uri, "view": i.view, "position": i.position, "updated_at": now,
+             **validators.get((i.sku, i.image_uri), _NO_VALIDATORS)}
             for i in images
-        ]
+        ]  # fmt: skip
         conn.execute(sa.insert(item_images), rows)
+
+
+_NO_VALIDATORS: dict[str, str | None] = {"image_etag": None, "image_last_modified": None}
+
+
+def _validators(conn: Connection, skus: Sequence[str]) -> dict[tuple[str, str], dict[str, str | None]]:
+    """The stored validators of skus' images (those that have any)."""
+    c = item_images.c
+    statement = sa.select(c.sku, c.image_uri, c.image_etag, c.image_last_modified).where(
+        c.sku.in_(skus), sa.or_(c.image_etag.is_not(None), c.image_last_modified.is_not(None))
+    )
+    return {
+        (row.sku, row.image_uri): {"image_etag": row.image_etag, "image_last_modified": row.image_last_modified}
+        for row in conn.execute(statement)
+    }
 
 
 # --- merging ---------------------------------------------------------------------------------

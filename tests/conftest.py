@@ -124,7 +124,7 @@ def migrated_postgres_url(postgres_admin: Engine) -> Iterator[str]:
 
 TABLES = (
     "listing_mismatches", "taxonomy_values", "reviews", "review_decisions", "review_tasks", "review_items",
-    "review_thresholds", "tags", "tag_sets", "results", "jobs", "runs", "items",
+    "review_thresholds", "tags", "tag_sets", "results", "jobs", "runs", "items", "item_images", "tag_sources",
 )  # fmt: skip
 
 

@@ -155,9 +155,9 @@ def test_a_decision_on_a_merged_tag_ends_when_any_image_changes(engine: Engine, 
     )
     pattern = "SELECT value, source FROM sku_tags_current WHERE sku = 'MULTI-1' AND attribute = 'pattern'"
     assert _rows(engine, pattern) == [("plaid", "review")]
-    with engine.connect() as conn:  # the content check still compares the first image's own bytes
-        checked = {row.sku: row.image_sha256 for row in ledger.tagged_items_page(conn, "", 10)}
-    assert checked["MULTI-1"] == f"{multi[0].job_id:064x}"
+    with engine.connect() as conn:  # the content check compares each image's own bytes, not the evidence hash
+        checked = {row.image_uri: row.image_sha256 for row in ledger.tagged_items_page(conn, "", 10)}
+    assert [checked[job.image_uri] for job in multi] == [f"{job.job_id:064x}" for job in multi]
 
     # The back image tagged again in a later run, same bytes: the decision stands.
     back_bytes = f"{multi[1].job_id:064x}"

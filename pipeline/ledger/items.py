@@ -87,18 +87,35 @@ def upsert_items(conn: Connection, rows: Sequence[CatalogRow], now: datetime | N
     )  # fmt: skip
 
 
+# One row per image to check. A single-image sku: its item (validators on items). A sku with
+# several images: each of them (validators on item_images), with the hash of the bytes it was last
+# tagged from (NULL for an image never tagged: the plan re-tags the sku for it anyway).
 _TAGGED_ITEMS = sa.text("""
-    SELECT i.sku, i.image_uri, i.image_etag, i.image_last_modified,
-           -- a sku with several images keeps its evidence hash in tag_sets: the first image's own is here
+    WITH page AS (
+        SELECT i.sku, i.image_uri, i.image_etag, i.image_last_modified,
+               -- a sku listed again with one image keeps its evidence hash in tag_sets until re-merged
+               COALESCE((SELECT max(ts.image_sha256) FROM tag_sources ts
+                         WHERE ts.sku = i.sku AND ts.image_uri = i.image_uri), t.image_sha256) AS image_sha256
+        FROM items i JOIN tag_sets t ON t.sku = i.sku AND t.image_uri = i.image_uri
+        WHERE i.sku > :after ORDER BY i.sku LIMIT :page)
+    SELECT p.sku, p.image_uri, p.image_etag, p.image_last_modified, p.image_sha256, NULL AS position
+    FROM page p WHERE NOT EXISTS (SELECT 1 FROM item_images ii WHERE ii.sku = p.sku)
+    UNION ALL
+    SELECT ii.sku, ii.image_uri, ii.image_etag, ii.image_last_modified,
            COALESCE((SELECT max(ts.image_sha256) FROM tag_sources ts
-                     WHERE ts.sku = i.sku AND ts.image_uri = i.image_uri), t.image_sha256) AS image_sha256
-    FROM items i JOIN tag_sets t ON t.sku = i.sku AND t.image_uri = i.image_uri
-    WHERE i.sku > :after ORDER BY i.sku LIMIT :page""")
+                     WHERE ts.sku = ii.sku AND ts.image_uri = ii.image_uri),
+                    (SELECT r.image_sha256 FROM results r
+                     WHERE r.sku = ii.sku AND r.image_uri = ii.image_uri AND r.status <> 'failed'
+                     ORDER BY r.produced_at DESC, r.job_id DESC LIMIT 1)) AS image_sha256,
+           ii.position
+    FROM page p JOIN item_images ii ON ii.sku = p.sku
+    ORDER BY 1, 6""")
 
 
 def tagged_items_page(conn: Connection, after: str, page: int) -> list[Any]:
-    """Items whose current tags came from their current image URI, in sku order after `after`:
-    rows of (sku, image_uri, image_etag, image_last_modified, image_sha256)."""
+    """The images of the next `page` items whose current tags came from their current image URI,
+    in sku order after `after`: rows of (sku, image_uri, image_etag, image_last_modified,
+    image_sha256, position); position is NULL for a single-image sku, whose row is its item."""
     return list(conn.execute(_TAGGED_ITEMS, {"after": after, "page": page}).all())
 
 
@@ -108,6 +125,17 @@ def store_validators(conn: Connection, validators: Sequence[tuple[str, str | Non
         conn.execute(
             sa.text("UPDATE items SET image_etag = :e, image_last_modified = :m WHERE sku = :s"),
             [{"s": sku, "e": etag, "m": modified} for sku, etag, modified in validators],
+        )
+
+
+def store_image_validators(conn: Connection, validators: Sequence[tuple[str, str, str | None, str | None]]) -> None:
+    """The same for the images of skus with several: (sku, image_uri, etag, last_modified)."""
+    if validators:
+        conn.execute(
+            sa.text(
+                "UPDATE item_images SET image_etag = :e, image_last_modified = :m WHERE sku = :s AND image_uri = :u"
+            ),
+            [{"s": sku, "u": uri, "e": etag, "m": modified} for sku, uri, etag, modified in validators],
         )
 
 
